@@ -1,0 +1,47 @@
+# Two entry points, each doing all of its own set-up on a fresh Debian machine:
+#   make demo   installs everything, then trains on the embedded demo corpus
+#   make test   installs everything, then runs the test suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NLTK_WORDNET := $(VENV)/nltk_data/corpora/wordnet
+DEMO_FLAGS ?= --amp --output runs/demo
+
+.PHONY: setup demo test bench wordnet clean
+
+setup: $(VENV)/.installed $(NLTK_WORDNET)/lexnames
+
+$(VENV)/.installed: pyproject.toml requirements/pins.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/pins.txt -e '.[dali,test]'
+	touch $@
+
+# WordNet 3.0 for nltk, offline: Debian's packages, copied (nltk refuses symlinks that leave its
+# data root) into the venv's own nltk data folder, which nltk searches by default (sys.prefix/nltk_data).
+# The Debian package lacks `lexnames`; ours ships in the package's assets.
+$(NLTK_WORDNET)/lexnames: fastpretrain/assets/wordnet-lexnames
+	@if [ ! -f /usr/share/wordnet/data.noun ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; fi; \
+	fi
+	mkdir -p $(NLTK_WORDNET)
+	cp -r /usr/share/wordnet/. $(NLTK_WORDNET)/
+	cp fastpretrain/assets/wordnet-lexnames $@
+
+wordnet: $(NLTK_WORDNET)/lexnames
+
+demo: setup
+	$(VENV)/bin/fastpretrain train $(DEMO_FLAGS)
+
+# No GPU here: Triton kernels run under the interpreter, which must be set before triton is imported.
+test: setup
+	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest tests -q; rc=$$?; \
+	if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+bench: setup
+	$(PY) -m pytest bench/ --benchmark-only -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -1,0 +1,3 @@
+from fastpretrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels of fastpretrain, installed as ``fastpretrain.kernels``."""
