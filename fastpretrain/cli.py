@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastpretrain import __version__, demo
+from fastpretrain.data import commands as data_commands
+from fastpretrain.hashtags import commands as hashtag_commands
+from fastpretrain.train import commands as train_commands
 from fastpretrain.errors import UserError
 
 
@@ -19,16 +23,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastpretrain.data import commands as data_commands
-    from fastpretrain.hashtags import commands as hashtag_commands
-    from fastpretrain.train import commands as train_commands
-
     parser = _Parser(prog="fastpretrain", description=__doc__.splitlines()[0])
-    from fastpretrain import __version__
-
     parser.add_argument("--version", action="version", version=f"fastpretrain {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for component in (train_commands, data_commands, hashtag_commands):
+    for component in (train_commands, demo, data_commands, hashtag_commands):
         component.register(subparsers)
     return parser
 

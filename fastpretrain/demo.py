@@ -1,0 +1,84 @@
+"""The embedded demo: a synthetic hashtag corpus made once into a cache folder, ready to train on.
+
+The corpus goes through the same stages as real data: shards of tagged JPEGs, WordNet canonicalization
+and vocabulary selection (``fastpretrain vocab build``), a label index per shard, then the trainer.
+Also home of the ``fastpretrain synth`` command, which writes such a corpus wherever the user wants it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastpretrain.data.synth import write_demo_corpus
+
+CORPUS_VERSION = 1  # bump when synth.py draws differently, so stale caches are not reused
+VAL_IMAGES = 1000
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    train: Path
+    labels: Path
+    vocab: Path
+    val: Path
+    val_labels: Path
+
+    @classmethod
+    def under(cls, root: Path) -> "DemoPaths":
+        return cls(root / "train", root / "labels", root / "vocab.json", root / "val", root / "val-labels")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASTPRETRAIN_CACHE", Path.home() / ".cache" / "fastpretrain"))
+
+
+def prepare_demo(images: int, seed: int = 0, workers: int = 2) -> DemoPaths:
+    """The demo corpus of ``images`` training posts (plus a held-out split), built on first use.
+
+    Built in a temporary folder and renamed into place, so an interrupted build never leaves a half corpus.
+    """
+    from fastpretrain.hashtags import Vocab, VocabBuildConfig, build_vocab, write_label_indexes
+
+    root = cache_root() / "demo" / f"v{CORPUS_VERSION}-n{images}-s{seed}"
+    if (root / "vocab.json").is_file():
+        return DemoPaths.under(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        paths = DemoPaths.under(tmp)
+        print(f"demo: writing {images} + {VAL_IMAGES} synthetic posts into {root}", flush=True)
+        write_demo_corpus(paths.train, images, seed=seed)
+        write_demo_corpus(paths.val, VAL_IMAGES, seed=seed + 1)  # another seed: other pictures, same distribution
+        build_vocab(VocabBuildConfig(data=[str(paths.train)], out=str(paths.vocab), labels_dir=str(paths.labels),
+                                     workers=workers))
+        write_label_indexes([str(paths.val)], Vocab.load(paths.vocab), paths.val_labels, workers=workers)
+        try:
+            tmp.rename(root)
+        except OSError:  # another process finished first: use its corpus
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return DemoPaths.under(root)
+
+
+def run_synth(args) -> int:
+    shards = write_demo_corpus(args.out, args.images, seed=args.seed, shard_size=args.shard_size,
+                               image_size=args.image_size)
+    print(f"wrote {args.images} posts in {len(shards)} shards to {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("synth", help="write a synthetic weakly labeled corpus (WebDataset shards)")
+    p.add_argument("--out", required=True, help="folder for the shards")
+    p.add_argument("--images", type=int, default=5000, help="number of posts (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the corpus is a pure function of the seed (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=1000, help="posts per shard (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=96, help="picture side in pixels (default: %(default)s)")
+    p.set_defaults(func=run_synth)
+

@@ -1,0 +1,47 @@
+"""Hashtag prediction metrics: precision@k against an image's hashtags, and the majority-class baseline."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def multi_hot(labels: torch.Tensor, offsets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, C) bool: row i is True at the classes ``labels[offsets[i]:offsets[i+1]]`` (CSR)."""
+    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=labels.device), offsets.diff())
+    target = torch.zeros(offsets.numel() - 1, num_classes, dtype=torch.bool, device=labels.device)
+    target[rows, labels.long()] = True
+    return target
+
+
+def precision_at_k(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) float: the share of each row's k highest-scoring classes that are among its hashtags."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices  # (B, k)
+    return target.gather(1, top).float().sum(1) / k
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, majority_class: int,
+             autocast: contextlib.AbstractContextManager | None = None) -> dict:
+    """Mean precision@1 and @5 over every image with at least one hashtag, and the precision@1 of
+    always ranking ``majority_class`` (the most frequent training class) first."""
+    was_training = model.training
+    model.eval()
+    sums = {"precision@1": 0.0, "precision@5": 0.0, "majority_precision@1": 0.0}
+    images = 0
+    for batch in batches:
+        with autocast or contextlib.nullcontext():
+            logits = model(batch.images)  # (B, C)
+        target = multi_hot(batch.labels, batch.offsets, logits.shape[1])
+        labeled = target.any(1)  # rows without hashtags carry no signal for precision
+        logits, target = logits[labeled].float(), target[labeled]
+        sums["precision@1"] += precision_at_k(logits, target, 1).sum().item()
+        sums["precision@5"] += precision_at_k(logits, target, 5).sum().item()
+        sums["majority_precision@1"] += target[:, majority_class].sum().item()
+        images += int(labeled.sum())
+    model.train(was_training)
+    return {name: total / max(images, 1) for name, total in sums.items()} | {"images": images}

@@ -1,0 +1,1 @@
+"""Training: config, the step loop, optimizer and schedule, checkpoints, metrics."""

@@ -1,0 +1,160 @@
+"""The training run: build the pieces, step through the stream, log, checkpoint, evaluate.
+
+The step itself is ``train_step``: forward under autocast, the hashtag loss, backward, SGD. Everything else
+is set-up and bookkeeping around it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader
+from fastpretrain.evaluate import evaluate
+from fastpretrain.hashtags import Vocab
+from fastpretrain.loss import HashtagCrossEntropy
+from fastpretrain.models import create_model, to_channels_last
+from fastpretrain.train.checkpoint import load_checkpoint, save_checkpoint
+from fastpretrain.train.config import TrainConfig
+from fastpretrain.train.metrics import MetricsLog, Throughput
+from fastpretrain.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from fastpretrain.train.precision import Precision, choose_precision, resolve_device
+from fastpretrain.train.stop import StopOnSignal, Stopped
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Where a run's data lives: training shards with their label index, and an optional held-out split."""
+
+    train: str
+    labels: str
+    vocab: str
+    val: str | None
+    val_labels: str | None
+
+    @classmethod
+    def resolve(cls, cfg: TrainConfig) -> "Datasets":
+        if cfg.data is None:
+            from fastpretrain.demo import prepare_demo
+
+            demo = prepare_demo(cfg.demo_images, seed=cfg.seed, workers=max(cfg.workers, 1))
+            return cls(str(demo.train), str(demo.labels), str(demo.vocab), str(demo.val), str(demo.val_labels))
+        labels = cfg.labels or str(Path(cfg.vocab).parent / "labels")
+        val_labels = cfg.val_labels or (str(Path(cfg.vocab).parent / "val-labels") if cfg.val_data else None)
+        return cls(cfg.data, labels, cfg.vocab, cfg.val_data, val_labels)
+
+
+def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
+               precision: Precision) -> torch.Tensor:
+    with precision.autocast():
+        logits = model(batch.images)  # (B, C)
+    loss = loss_fn(logits, batch.labels, batch.offsets)  # float32 accumulation whatever the logits' dtype
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_run_info(output: Path, cfg: TrainConfig, device: torch.device, precision: Precision) -> None:
+    """The resolved config and the environment, so a run folder says how it was made."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "device": str(device), "dtype": str(precision.dtype),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    (output / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as configured; return the final evaluation (or the last training record without val data)."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = choose_precision(device, cfg.amp)
+    if precision.notice:
+        print(precision.notice, flush=True)
+    output = Path(cfg.output)
+    write_run_info(output, cfg, device, precision)
+
+    datasets = Datasets.resolve(cfg)
+    vocab = Vocab.load(datasets.vocab)
+    model = to_channels_last(create_model(cfg.arch, len(vocab)), device)
+    data_cfg = DataConfig(shards=datasets.train, labels_dir=datasets.labels, backend=cfg.data_backend,
+                          batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers,
+                          seed=cfg.seed, resample=cfg.resample)
+    loader = build_train_loader(data_cfg, vocab, device, precision.dtype)
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * loader.batches_per_epoch))
+    warmup_steps = min(round(cfg.warmup_epochs * loader.batches_per_epoch), total_steps // 2)
+    peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.batch_size)
+    optimizer = build_optimizer(model, peak_lr, cfg.momentum, cfg.weight_decay)
+    loss_fn = HashtagCrossEntropy(backend=cfg.loss_backend)
+
+    step = 0
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, vocab.content_hash)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["data"])
+        step = state["step"]
+
+    def checkpoint() -> None:
+        save_checkpoint(output / "checkpoint.pt", {
+            "arch": cfg.arch, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": loader.epoch, "step": step, "data": loader.state_dict(), "args": cfg.to_dict(),
+            "vocab_hash": vocab.content_hash, "classes": [c.wnid for c in vocab.classes]})
+
+    log = MetricsLog(output, total_steps, initial_step=step)
+    print(f"training {cfg.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+          f"{len(vocab)} hashtag classes, {total_steps} steps of {cfg.batch_size} images, {device}, "
+          f"{precision.dtype}", flush=True)
+    batches, meter = iter(loader), Throughput()
+    loss_sum, losses = torch.zeros((), device=device), 0
+    record: dict = {}
+    try:
+        with StopOnSignal() as stop:
+            while step < total_steps:
+                set_lr(optimizer, lr_at(step, total_steps, warmup_steps, peak_lr))
+                loss_sum += train_step(model, loss_fn, optimizer, next(batches), precision)
+                losses += 1
+                step += 1
+                meter.add(cfg.batch_size)
+                if step % cfg.log_interval == 0 or step == total_steps:
+                    # .item() syncs with the device: only here, once per log interval, never per step
+                    record = {"event": "train", "step": step, "epoch": loader.epoch, "loss": loss_sum.item() / losses,
+                              "lr": optimizer.param_groups[0]["lr"], "images_per_sec": meter.read(),
+                              "skipped_samples": sum(loader.skipped.values())}
+                    log.write(record)
+                    log.advance(losses, loss=record["loss"], img_s=record["images_per_sec"])
+                    loss_sum.zero_()
+                    losses = 0
+                if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+                    checkpoint()
+                if stop.requested:  # a whole step is done: its checkpoint resumes exactly
+                    checkpoint()
+                    raise Stopped(stop.requested, step, str(output / "checkpoint.pt"))
+        checkpoint()
+        if datasets.val is not None:
+            val_cfg = DataConfig(shards=datasets.val, labels_dir=datasets.val_labels, backend=cfg.data_backend,
+                                 batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers)
+            result = evaluate(model, build_eval_loader(val_cfg, vocab, device, precision.dtype),
+                              majority_class=int(np.argmax(vocab.counts)), autocast=precision.autocast())
+            record = {"event": "eval", "step": step, **result}
+            log.write(record)
+    finally:
+        log.close()
+        loader.close()
+    return record

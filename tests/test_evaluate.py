@@ -1,0 +1,54 @@
+"""precision@k and the majority baseline against counts made by hand, row by row, in plain Python."""
+
+import torch
+
+from fastpretrain.evaluate import evaluate, multi_hot, precision_at_k
+
+
+def random_csr(batch, classes, gen, max_labels=4):
+    rows = [sorted(set(torch.randint(0, classes, (int(torch.randint(0, max_labels + 1, (1,), generator=gen)),),
+                                     generator=gen).tolist())) for _ in range(batch)]
+    offsets = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    labels = torch.tensor([c for r in rows for c in r], dtype=torch.int64)
+    return rows, labels, offsets
+
+
+def test_multi_hot_and_precision_at_k_match_a_loop():
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    batch, classes = 37, 11
+    rows, labels, offsets = random_csr(batch, classes, gen)
+    logits = torch.randn(batch, classes, generator=gen)
+    target = multi_hot(labels, offsets, classes)
+    for i, row in enumerate(rows):
+        assert sorted(target[i].nonzero().flatten().tolist()) == row
+    for k in (1, 5):
+        got = precision_at_k(logits, target, k)
+        for i, row in enumerate(rows):
+            top = sorted(range(classes), key=lambda c: -logits[i, c].item())[:k]
+            assert abs(got[i].item() - sum(c in row for c in top) / k) < 1e-6
+
+
+class Batch:
+    def __init__(self, images, labels, offsets):
+        self.images, self.labels, self.offsets = images, labels, offsets
+
+
+def test_evaluate_averages_over_labeled_images_only():
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    classes = 6
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, classes))
+    batches, expected_p1, expected_major, labeled = [], 0.0, 0.0, 0
+    for batch in (5, 3):
+        rows, labels, offsets = random_csr(batch, classes, gen)
+        images = torch.randn(batch, 1, 2, 2, generator=gen)
+        batches.append(Batch(images, labels, offsets))
+        logits = model(images)
+        for i, row in enumerate(rows):
+            if row:
+                labeled += 1
+                expected_p1 += logits[i].argmax().item() in row
+                expected_major += 2 in row
+    result = evaluate(model, batches, majority_class=2)
+    assert result["images"] == labeled
+    assert abs(result["precision@1"] - expected_p1 / max(labeled, 1)) < 1e-9
+    assert abs(result["majority_precision@1"] - expected_major / max(labeled, 1)) < 1e-9
