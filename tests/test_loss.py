@@ -1,0 +1,517 @@
+"""fastpretrain.loss against float64 references built independently, on fresh random inputs each run.
+
+References: ``F.cross_entropy`` with probability targets on a dense target filled by a Python loop over
+the CSR, and a hand-written log-softmax (for -inf logits, where the former computes 0 * -inf). The torch
+and cpp backends run here; the Triton kernel, slow under the interpreter, in test_loss_triton.py (which
+reuses the references and tolerances below). Each test prints its seed: pytest shows it on failure.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpretrain import cpp_extension, loss
+from fastpretrain.loss import BACKENDS, HashtagCrossEntropy, SparseTargets, hashtag_cross_entropy
+
+CPU_BACKENDS = ("torch", "cpp")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs and references (also used by test_loss_triton.py)
+
+
+@dataclass
+class Batch:
+    logits: torch.Tensor  # (B, C)
+    labels: torch.Tensor  # (nnz,)
+    offsets: torch.Tensor  # (B + 1,)
+    weights: torch.Tensor | None  # (nnz,)
+
+
+def seeded_generator() -> torch.Generator:
+    """A generator seeded afresh; the seed is printed (pytest shows it on failure)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed = {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return seeded_generator()
+
+
+def random_batch(gen: torch.Generator, n_rows: int, n_classes: int, *, dtype: torch.dtype = torch.float32,
+                 weighted: bool = False, max_labels: int = 4, logit_scale: float = 3.0,
+                 index_dtype: torch.dtype = torch.int64) -> Batch:
+    """Rows with 0..max_labels labels (some empty, some with a repeated label), logits ~ N(0, scale^2)."""
+    counts = torch.randint(0, max_labels + 1, (n_rows,), generator=gen)
+    offsets = torch.zeros(n_rows + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    labels = torch.randint(0, n_classes, (int(offsets[-1]),), generator=gen)
+    for row in range(n_rows):
+        begin, end = int(offsets[row]), int(offsets[row + 1])
+        if end - begin >= 2 and torch.rand((), generator=gen) < 0.5:
+            labels[begin + 1] = labels[begin]
+    weights = None
+    if weighted:
+        weights = torch.rand(labels.shape, generator=gen, dtype=torch.float64) * 2
+        weights[torch.rand(labels.shape, generator=gen) < 0.2] = 0.0
+        weights = weights.to(torch.float32)
+    logits = (torch.randn(n_rows, n_classes, generator=gen, dtype=torch.float64) * logit_scale).to(dtype)
+    return Batch(logits, labels.to(index_dtype), offsets.to(index_dtype), weights)
+
+
+def dense_target(batch: Batch) -> torch.Tensor:
+    """(B, C) float64 target, filled label by label: weights normalized per row, zero rows stay zero."""
+    n_rows, n_classes = batch.logits.shape
+    target = torch.zeros(n_rows, n_classes, dtype=torch.float64)
+    for row in range(n_rows):
+        for j in range(int(batch.offsets[row]), int(batch.offsets[row + 1])):
+            weight = 1.0 if batch.weights is None else float(batch.weights[j])
+            target[row, int(batch.labels[j])] += weight
+        total = float(target[row].sum())
+        if total > 0:
+            target[row] /= total
+    return target
+
+
+def reduce_reference(row_losses: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return row_losses
+    if reduction == "sum":
+        return row_losses.sum()
+    labeled = int((target.sum(dim=1) > 0).sum())
+    return row_losses.sum() / max(labeled, 1)
+
+
+def reference_loss(batch: Batch, reduction: str, *, hand_written: bool = False) -> torch.Tensor:
+    """float64 loss with autograd: F.cross_entropy on the dense target, or a hand-written log-softmax.
+
+    F.cross_entropy with probability targets gives a zero target row loss 0 and gradient 0, as the
+    contract wants; the hand-written one sums over targeted classes only, so -inf logits elsewhere are safe.
+    """
+    z = batch.logits.detach().double().requires_grad_()
+    target = dense_target(batch)
+    if hand_written:
+        labeled = target.sum(dim=1, keepdim=True) > 0  # (B, 1)
+        # Unlabeled rows (possibly all -inf) are replaced before any arithmetic, so no NaN reaches the gradient.
+        zs = torch.where(labeled, z, 0)  # (B, C)
+        row_max = zs.max(dim=1, keepdim=True).values.detach()
+        lse = (row_max + torch.log(torch.exp(zs - row_max).sum(dim=1, keepdim=True)))[:, 0]  # (B,)
+        targeted = target > 0
+        target_term = (target * torch.where(targeted, zs, 0)).sum(dim=1)  # (B,)
+        row_losses = torch.where(labeled[:, 0], lse - target_term, 0)
+    else:
+        row_losses = F.cross_entropy(z, target, reduction="none")
+    return z, reduce_reference(row_losses, target, reduction)
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each of the float64 ``values`` (its subnormal spacing near 0)."""
+    info = torch.finfo(dtype)
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
+    _, exponent = torch.frexp(values.abs())  # |v| = m * 2^e, m in [0.5, 1)
+    spacing = torch.pow(2.0, (exponent - 1 - mantissa_bits).double())
+    return spacing.clamp_min(info.tiny * 2.0 ** -mantissa_bits)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                   magnitude: float | None = None) -> None:
+    """float32 (and float64): within 1e-5 relative, or 4 float32 epsilons of ``magnitude``, the size of
+    the terms that cancel (p and t in a gradient, logsumexp and the target logit in a loss; default: the
+    largest expected value). bf16/fp16: within one rounding step of the dtype, plus that allowance."""
+    actual = actual.detach().double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual[~torch.isfinite(actual)][:5]}"
+    if magnitude is None:
+        magnitude = float(expected.abs().max()) if expected.numel() else 0.0
+    floor = 4 * FLOAT32_EPS * magnitude
+    if dtype in HALF_DTYPES:
+        error = (actual - expected).abs()
+        allowed = ulp(expected, dtype) + floor
+        worst = int(torch.argmax(error - allowed))
+        assert bool((error <= allowed).all()), (
+            f"{what}: {actual.flatten()[worst]} vs {expected.flatten()[worst]}, more than one {dtype} step")
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=floor, msg=lambda m: f"{what}: {m}")
+
+
+def run_loss(batch: Batch, backend: str, reduction: str, grad_output: torch.Tensor | None = None,
+             device: torch.device | str = "cpu", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, gradient of the logits) from hashtag_cross_entropy on ``device``, brought back to the CPU."""
+    logits = batch.logits.detach().clone().to(device).requires_grad_()
+    weights = None if batch.weights is None else batch.weights.to(device)
+    out = hashtag_cross_entropy(logits, batch.labels.to(device), batch.offsets.to(device), weights, reduction,
+                                backend, **kwargs)
+    out.backward(torch.ones_like(out) if grad_output is None else grad_output.to(device))
+    return out.detach().cpu(), logits.grad.cpu()
+
+
+def check_against_reference(batch: Batch, backend: str, reduction: str, *, hand_written: bool = False,
+                            grad_output: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                            **kwargs) -> None:
+    out, grad = run_loss(batch, backend, reduction, grad_output, device, **kwargs)
+    z, ref = reference_loss(batch, reduction, hand_written=hand_written)
+    ref.backward(torch.ones_like(ref) if grad_output is None else grad_output.double())
+    expected_dtype = torch.float64 if batch.logits.dtype == torch.float64 else torch.float32
+    assert out.dtype == expected_dtype and out.shape == ref.shape
+    assert grad.dtype == batch.logits.dtype
+    assert_matches(out, ref.detach(), torch.float32, f"{backend} loss", loss_magnitude(batch, ref, reduction))
+    assert_matches(grad, z.grad, batch.logits.dtype, f"{backend} gradient",
+                   gradient_magnitude(batch, reduction, grad_output))
+
+
+def loss_magnitude(batch: Batch, expected: torch.Tensor, reduction: str) -> float:
+    # Each row's loss is a difference of terms as large as its largest logit; a sum adds B of them.
+    finite = batch.logits.double().nan_to_num(neginf=0.0)
+    rows = batch.logits.shape[0] if reduction == "sum" else 1
+    return float(expected.detach().abs().max()) + rows * float(finite.abs().max())
+
+
+def gradient_magnitude(batch: Batch, reduction: str, grad_output: torch.Tensor | None) -> float:
+    # p and t are at most 1, times the reduction's scale and the incoming gradient.
+    scale = 1.0
+    if reduction == "mean":
+        scale = 1.0 / max(1, int((dense_target(batch).sum(dim=1) > 0).sum()))
+    incoming = 1.0 if grad_output is None else float(grad_output.abs().max())
+    return scale * incoming
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def cpp_module():
+    """The C++ extension, built once per test session (about a minute the first time on 2 cores)."""
+    return cpp_extension.load_extension()
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request) -> str:
+    if request.param == "cpp":
+        request.getfixturevalue("cpp_module")
+    return request.param
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numbers
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (5, 37), (16, 1000), (3, 17001)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", loss.REDUCTIONS)
+def test_matches_float64_cross_entropy(gen, backend, shape, dtype, reduction):
+    batch = random_batch(gen, *shape, dtype=dtype)
+    check_against_reference(batch, backend, reduction)
+
+
+@pytest.mark.parametrize("reduction", loss.REDUCTIONS)
+def test_weighted_targets(gen, backend, reduction):
+    batch = random_batch(gen, 12, 301, weighted=True)
+    check_against_reference(batch, backend, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_head(gen, backend, dtype):
+    # The follow-up work's head is about 28,000 classes; the contract goes to 262,144.
+    batch = random_batch(gen, 2, 262_144, dtype=dtype, max_labels=6)
+    check_against_reference(batch, backend, "mean")
+
+
+@pytest.mark.parametrize("reduction", loss.REDUCTIONS)
+def test_incoming_gradient_scales_the_result(gen, backend, reduction):
+    batch = random_batch(gen, 9, 113)
+    shape = (9,) if reduction == "none" else ()
+    grad_output = torch.randn(shape, generator=gen, dtype=torch.float64).to(torch.float32)
+    check_against_reference(batch, backend, reduction, grad_output=grad_output)
+
+
+def test_int32_indices(gen, backend):
+    batch = random_batch(gen, 7, 50, index_dtype=torch.int32)
+    check_against_reference(batch, backend, "mean")
+
+
+def test_repeated_label_counts_twice(backend):
+    # Row 0: labels 3, 3, 5 -> target 2/3 on class 3 and 1/3 on class 5; row 1 has no labels.
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.25, 1.5, -0.75], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    labels = torch.tensor([3, 3, 5])
+    offsets = torch.tensor([0, 3, 3])
+    z = logits.double()
+    lse = torch.logsumexp(z[0], dim=0)
+    expected_loss = float(lse - (2 / 3 * z[0, 3] + 1 / 3 * z[0, 5]))
+    expected_grad = torch.zeros(2, 6, dtype=torch.float64)
+    expected_grad[0] = torch.softmax(z[0], dim=0)
+    expected_grad[0, 3] -= 2 / 3
+    expected_grad[0, 5] -= 1 / 3
+    out, grad = run_loss(Batch(logits, labels, offsets, None), backend, "mean")
+    assert_matches(out, torch.tensor(expected_loss, dtype=torch.float64), torch.float32, "loss")
+    assert_matches(grad, expected_grad, torch.float32, "gradient")
+
+
+def test_rows_without_labels_or_weight(backend):
+    logits = torch.randn(3, 10)
+    labels = torch.tensor([1, 2])
+    weights = torch.tensor([0.0, 0.0])  # row 1's labels weigh nothing
+    for offsets, w in ((torch.tensor([0, 0, 0, 0]), None), (torch.tensor([0, 0, 2, 2]), weights)):
+        batch = Batch(logits, labels[: int(offsets[-1])], offsets, None if w is None else w)
+        for reduction in loss.REDUCTIONS:
+            out, grad = run_loss(batch, backend, reduction)
+            assert bool((out == 0).all()), f"{reduction}: {out}"
+            assert bool((grad == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_extreme_logits(gen, backend, dtype):
+    # A quarter of the dtype's largest value: logsumexp and its differences still fit in float32.
+    batch = random_batch(gen, 8, 97, dtype=torch.float64)
+    largest = torch.finfo(dtype).max / 4 if dtype != torch.float16 else torch.finfo(dtype).max
+    batch.logits = (torch.sign(batch.logits) * largest * torch.rand(batch.logits.shape, generator=gen,
+                                                                     dtype=torch.float64)).to(dtype)
+    check_against_reference(batch, backend, "none")
+
+
+def test_minus_inf_on_untargeted_classes(gen, backend):
+    batch = random_batch(gen, 10, 64)
+    target = dense_target(batch)
+    masked = (torch.rand(batch.logits.shape, generator=gen) < 0.5) & (target == 0)
+    batch.logits = batch.logits.masked_fill(masked, float("-inf"))
+    batch.logits[target.sum(dim=1) == 0] = float("-inf")  # whole rows of -inf where nothing is targeted
+    check_against_reference(batch, backend, "mean", hand_written=True)
+
+
+def test_non_contiguous_logits(gen, backend):
+    batch = random_batch(gen, 6, 40)
+    batch.logits = batch.logits.t().contiguous().t()  # same values, column-major
+    assert not batch.logits.is_contiguous()
+    check_against_reference(batch, backend, "sum")
+
+
+@pytest.mark.parametrize("reduction", loss.REDUCTIONS)
+def test_gradcheck_float64(gen, backend, reduction):
+    batch = random_batch(gen, 4, 7, dtype=torch.float64, weighted=True)
+    logits = batch.logits.detach().requires_grad_()
+
+    def function(x):
+        return hashtag_cross_entropy(x, batch.labels, batch.offsets, batch.weights.double(), reduction, backend)
+
+    assert torch.autograd.gradcheck(function, (logits,), eps=1e-6, atol=1e-7)
+
+
+def test_backward_twice_with_retain_graph(gen, backend):
+    batch = random_batch(gen, 5, 30)
+    logits = batch.logits.detach().clone().requires_grad_()
+    out = hashtag_cross_entropy(logits, batch.labels, batch.offsets, reduction="sum", backend=backend)
+    out.backward(torch.tensor(2.0), retain_graph=True)
+    first = logits.grad.clone()
+    out.backward(torch.tensor(1.0))
+    torch.testing.assert_close(logits.grad, first * 1.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every backend, the same numbers
+
+
+def runnable_backends(logits: torch.Tensor) -> list[str]:
+    return [name for name, backend in BACKENDS.items() if backend.cannot_run(logits) is None]
+
+
+def test_every_registered_backend_agrees(gen, cpp_module):
+    batch = random_batch(gen, 5, 37, weighted=True)
+    names = runnable_backends(batch.logits)
+    assert {"torch", "cpp"} <= set(names)
+    results = {name: run_loss(batch, name, "mean") for name in names}
+    loss_ref, grad_ref = results["torch"]
+    for name, (out, grad) in results.items():
+        assert_matches(out, loss_ref.detach().double(), torch.float32, f"{name} vs torch loss",
+                       loss_magnitude(batch, loss_ref, "mean"))
+        assert_matches(grad, grad_ref.double(), torch.float32, f"{name} vs torch gradient",
+                       gradient_magnitude(batch, "mean", None))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs, in-place mode, no-grad
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (6, 37), (3, 2050)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backend_writes_every_output_element(gen, backend, shape, dtype):
+    batch = random_batch(gen, *shape, dtype=dtype)
+    targets = SparseTargets(batch.labels, batch.offsets, batch.weights)
+    row_loss = torch.full((shape[0],), float("nan"))
+    grad = torch.full(shape, float("nan"), dtype=dtype)
+    BACKENDS[backend].forward(batch.logits, targets, torch.tensor(0.5), row_loss, grad)
+    z, ref = reference_loss(batch, "sum")
+    ref.backward()
+    expected_loss = F.cross_entropy(z.detach(), dense_target(batch), reduction="none")
+    assert_matches(row_loss, expected_loss, torch.float32, "loss", loss_magnitude(batch, expected_loss, "none"))
+    assert_matches(grad, z.grad * 0.5, dtype, "gradient", 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_writes_the_gradient_into_the_logits(gen, backend, dtype):
+    batch = random_batch(gen, 7, 300, dtype=dtype)
+    leaf = batch.logits.clone().requires_grad_()
+    logits = leaf * 1  # as a model's output: not a leaf
+    buffer = logits.detach()  # shares the storage
+    passed_upstream = []
+    logits.register_hook(passed_upstream.append)
+    out = hashtag_cross_entropy(logits, batch.labels, batch.offsets, backend=backend, inplace=True)
+    out.backward()
+    z, ref = reference_loss(batch, "mean")
+    ref.backward()
+    assert_matches(out, ref.detach(), torch.float32, "loss", loss_magnitude(batch, ref, "mean"))
+    assert_matches(buffer, z.grad, dtype, "gradient in the logits buffer", gradient_magnitude(batch, "mean", None))
+    assert passed_upstream[0].data_ptr() == buffer.data_ptr()  # no copy on the way
+    assert torch.equal(leaf.grad, buffer)
+
+
+def test_inplace_breaks_other_saved_uses_loudly(gen, backend):
+    batch = random_batch(gen, 4, 20)
+    leaf = batch.logits.clone().requires_grad_()
+    logits = leaf * 1.0
+    other = (logits**2).sum()  # saves the logits for its backward
+    out = hashtag_cross_entropy(logits, batch.labels, batch.offsets, backend=backend, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out + other).backward()
+
+
+def test_without_grad_the_logits_stay_untouched(gen, backend):
+    batch = random_batch(gen, 5, 60)
+    logits = batch.logits.clone().requires_grad_()
+    with torch.no_grad():
+        out = hashtag_cross_entropy(logits, batch.labels, batch.offsets, backend=backend, inplace=True)
+    assert torch.equal(logits.detach(), batch.logits)
+    _, ref = reference_loss(batch, "mean")
+    assert_matches(out, ref.detach(), torch.float32, "loss", loss_magnitude(batch, ref, "mean"))
+
+
+def test_module_wrapper(gen, backend):
+    batch = random_batch(gen, 6, 50, weighted=True)
+    criterion = HashtagCrossEntropy(reduction="sum", backend=backend)
+    assert "sum" in repr(criterion)
+    out = criterion(batch.logits, batch.labels, batch.offsets, batch.weights)
+    _, ref = reference_loss(batch, "sum")
+    assert_matches(out, ref.detach(), torch.float32, "module loss", loss_magnitude(batch, ref, "sum"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _bad_inputs():
+    logits = torch.zeros(3, 5)
+    labels = torch.tensor([0, 4, 2])
+    offsets = torch.tensor([0, 1, 1, 3])
+    cases = {
+        "logits 1-D": (dict(logits=torch.zeros(5)), r"logits must be a \(B, C\) tensor"),
+        "logits int": (dict(logits=torch.zeros(3, 5, dtype=torch.int64)), "logits must be float32"),
+        "no classes": (dict(logits=torch.zeros(3, 0), offsets=torch.zeros(4, dtype=torch.long),
+                            labels=torch.zeros(0, dtype=torch.long)), "at least one row and one class"),
+        "labels float": (dict(labels=labels.float()), "labels must be a 1-D int32/int64"),
+        "offsets 2-D": (dict(offsets=offsets[None]), "offsets must be a 1-D"),
+        "offsets length": (dict(offsets=torch.tensor([0, 1, 3])), r"offsets must have B \+ 1 = 4 entries"),
+        "offsets start": (dict(offsets=torch.tensor([1, 1, 1, 3])), r"offsets must start at 0"),
+        "offsets end": (dict(offsets=torch.tensor([0, 1, 1, 2])), r"offsets must end at the number of labels \(3\)"),
+        "offsets decrease": (dict(offsets=torch.tensor([0, 2, 1, 3])), r"non-decreasing: offsets\[2\] = 1"),
+        "label too large": (dict(labels=torch.tensor([0, 5, 2])), r"labels must lie in \[0, 5\): labels\[1\] = 5"),
+        "label negative": (dict(labels=torch.tensor([0, 1, -1])), r"labels\[2\] = -1"),
+        "weights negative": (dict(weights=torch.tensor([1.0, -0.5, 1.0])), r"non-negative: weights\[1\] = -0.5"),
+        "weights nan": (dict(weights=torch.tensor([1.0, 1.0, float("nan")])), r"weights\[2\] = nan"),
+        "weights length": (dict(weights=torch.ones(2)), r"one entry per label \(3\)"),
+        "weights int": (dict(weights=torch.ones(3, dtype=torch.int64)), "weights must be a 1-D floating"),
+        "weights grad": (dict(weights=torch.ones(3, requires_grad=True)), "no gradient flows to them"),
+        "devices": (dict(labels=labels.to("meta")), "must share a device"),
+        "reduction": (dict(reduction="avg"), "reduction must be one of"),
+        "backend": (dict(backend="cuda"), "backend must be 'auto' or one of"),
+    }
+    base = dict(logits=logits, labels=labels, offsets=offsets, weights=None, reduction="mean", backend="torch")
+    return [pytest.param({**base, **change}, message, id=name) for name, (change, message) in cases.items()]
+
+
+@pytest.mark.parametrize("arguments, message", _bad_inputs())
+def test_bad_input_raises_value_error(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        hashtag_cross_entropy(**arguments)
+
+
+def test_backend_that_cannot_run_the_logits():
+    meta = torch.zeros(2, 3, device="meta")
+    index = torch.zeros(1, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="backend 'cpp' cannot run"):
+        hashtag_cross_entropy(meta, index, torch.zeros(3, dtype=torch.long, device="meta"), backend="cpp")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run torch\.float64"):
+        hashtag_cross_entropy(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0]), torch.tensor([0, 1, 1]),
+                              backend="triton")
+
+
+def test_module_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="reduction"):
+        HashtagCrossEntropy(reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        HashtagCrossEntropy(backend="fast")
+
+
+def test_value_checks_skip_the_device_read_on_cuda_unless_asked(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(loss.VALIDATE_ENV, raising=False)
+    assert loss._should_check_values(None, torch.device("cpu"))
+    assert not loss._should_check_values(None, cuda)
+    monkeypatch.setenv(loss.VALIDATE_ENV, "1")
+    assert loss._should_check_values(None, cuda)
+    assert not loss._should_check_values(False, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch and the extension's build
+
+
+def test_auto_picks_cpp_on_cpu(cpp_module):
+    assert loss.resolve_backend("auto", torch.zeros(1, 1)).name == "cpp"
+
+
+def test_auto_falls_back_to_torch_with_one_warning(gen, monkeypatch):
+    monkeypatch.setattr(cpp_extension, "_module", None)
+    monkeypatch.setattr(cpp_extension, "_failure", "cannot build the C++ extension: no compiler")
+    monkeypatch.setattr(cpp_extension, "_warned", False)
+    batch = random_batch(gen, 4, 11)
+    with pytest.warns(RuntimeWarning, match="no compiler; falling back") as caught:
+        check_against_reference(batch, "auto", "mean")
+        check_against_reference(batch, "auto", "mean")
+    assert len([w for w in caught if "falling back" in str(w.message)]) == 1
+    with pytest.raises(cpp_extension.ExtensionUnavailable, match="no compiler"):
+        run_loss(batch, "cpp", "mean")
+
+
+def test_extension_is_built_once_per_process(cpp_module):
+    assert cpp_extension.load_extension() is cpp_module
+    assert cpp_extension.extension_name().startswith("fastpretrain_csrc_")
+
+
+def test_build_lock_serializes_and_clears_a_stale_torch_lock(tmp_path):
+    (tmp_path / "lock").write_text("left by a killed build")
+    order: list[str] = []
+    with cpp_extension._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+
+        def second_builder():
+            with cpp_extension._build_lock(tmp_path):
+                order.append("second")
+
+        thread = threading.Thread(target=second_builder)
+        thread.start()
+        time.sleep(0.2)
+        order.append("first")
+    thread.join(timeout=10)
+    assert order == ["first", "second"]
+    with open(tmp_path / "fastpretrain.flock") as handle:  # released: a non-blocking lock succeeds
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

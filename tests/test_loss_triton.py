@@ -1,0 +1,217 @@
+"""The Triton kernel of the hashtag loss against the float64 references of test_loss.py.
+
+Without CUDA the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported), 100-500x slower than on a GPU, so the shapes stay small;
+the long rows of large heads take the kernel's two-pass path, which runs here on short rows by lowering
+``max_block``. The interpreter does not type-check like the compiler, so one test compiles every kernel
+for a Hopper GPU (sm_90) in a subprocess, which needs no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_loss import (
+    Batch,
+    assert_matches,
+    check_against_reference,
+    dense_target,
+    gradient_magnitude,
+    loss_magnitude,
+    random_batch,
+    reference_loss,
+    seeded_generator,
+)
+
+from fastpretrain.loss import BACKENDS, hashtag_cross_entropy
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_cannot_run = BACKENDS["triton"].cannot_run(torch.zeros(1, 1, device=DEVICE))
+pytestmark = pytest.mark.skipif(_cannot_run is not None, reason=f"triton backend: {_cannot_run}")
+on_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA behaviour")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return seeded_generator()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from fastpretrain.kernels import hashtag_xent
+
+    return hashtag_xent
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (5, 37), (3, 1000), (2, 4097)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_matches_float64_cross_entropy(gen, shape, dtype, reduction):
+    batch = random_batch(gen, *shape, dtype=dtype)
+    check_against_reference(batch, "triton", reduction, device=DEVICE)
+
+
+def test_weighted_targets_int32_indices(gen):
+    batch = random_batch(gen, 6, 129, weighted=True, index_dtype=torch.int32)
+    check_against_reference(batch, "triton", "sum", device=DEVICE)
+
+
+def test_incoming_gradient_per_row(gen):
+    batch = random_batch(gen, 5, 70)
+    grad_output = torch.randn(5, generator=gen, dtype=torch.float64).to(torch.float32)
+    grad_output[1] = 1.0  # a row the scaling leaves alone
+    check_against_reference(batch, "triton", "none", grad_output=grad_output, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_extreme_logits(gen, dtype):
+    batch = random_batch(gen, 4, 53, dtype=torch.float64)
+    largest = torch.finfo(dtype).max / 4 if dtype != torch.float16 else torch.finfo(dtype).max
+    batch.logits = (torch.sign(batch.logits) * largest * torch.rand(batch.logits.shape, generator=gen,
+                                                                     dtype=torch.float64)).to(dtype)
+    check_against_reference(batch, "triton", "none", device=DEVICE)
+
+
+def test_minus_inf_on_untargeted_classes(gen):
+    batch = random_batch(gen, 6, 40)
+    target = dense_target(batch)
+    masked = (torch.rand(batch.logits.shape, generator=gen) < 0.5) & (target == 0)
+    batch.logits = batch.logits.masked_fill(masked, float("-inf"))
+    batch.logits[target.sum(dim=1) == 0] = float("-inf")
+    check_against_reference(batch, "triton", "mean", hand_written=True, device=DEVICE)
+
+
+def test_rows_without_labels_or_weight():
+    logits = torch.randn(3, 10)
+    batch = Batch(logits, torch.tensor([1, 2]), torch.tensor([0, 0, 2, 2]), torch.zeros(2))
+    check_against_reference(batch, "triton", "mean", device=DEVICE)
+    empty = Batch(logits, torch.tensor([], dtype=torch.long), torch.zeros(4, dtype=torch.long), None)
+    check_against_reference(empty, "triton", "mean", device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_mode(gen, dtype):
+    batch = random_batch(gen, 4, 300, dtype=dtype)
+    logits = batch.logits.clone().to(DEVICE).requires_grad_()
+    hidden = logits * 1  # not a leaf, as a model's output
+    buffer = hidden.detach()
+    out = hashtag_cross_entropy(hidden, batch.labels.to(DEVICE), batch.offsets.to(DEVICE), backend="triton",
+                                inplace=True)
+    out.backward()
+    z, ref = reference_loss(batch, "mean")
+    ref.backward()
+    assert_matches(out.detach().cpu(), ref.detach(), torch.float32, "loss", loss_magnitude(batch, ref, "mean"))
+    assert_matches(buffer.cpu(), z.grad, dtype, "gradient in the logits buffer",
+                   gradient_magnitude(batch, "mean", None))
+
+
+def launch_and_check(gen: torch.Generator, kernels, shape: tuple[int, int], dtype: torch.dtype, weighted: bool,
+                     **launch_options) -> None:
+    """Runs the launcher on poisoned (NaN) outputs and compares every element with the reference."""
+    batch = random_batch(gen, *shape, dtype=dtype, weighted=weighted, max_labels=6)
+    row_loss = torch.full((shape[0],), float("nan"), device=DEVICE)
+    grad = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    weights = None if batch.weights is None else batch.weights.to(DEVICE)
+    kernels.hashtag_xent_forward(batch.logits.to(DEVICE), batch.labels.to(DEVICE), batch.offsets.to(DEVICE), weights,
+                                 torch.tensor(0.5, device=DEVICE), row_loss, grad, **launch_options)
+    z, ref = reference_loss(batch, "sum")
+    ref.backward()
+    expected_loss = F.cross_entropy(z.detach(), dense_target(batch), reduction="none")
+    assert_matches(row_loss.cpu(), expected_loss, torch.float32, "loss", loss_magnitude(batch, expected_loss, "none"))
+    assert_matches(grad.cpu(), z.grad * 0.5, dtype, "gradient", 0.5)
+
+
+@pytest.mark.parametrize("shape, max_block", [((3, 1000), 256), ((2, 37), 16), ((6, 37), 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["uniform", "weighted"])
+def test_launcher_writes_every_element(gen, kernels, shape, max_block, dtype, weighted):
+    launch_and_check(gen, kernels, shape, dtype, weighted, max_block=max_block)
+
+
+def test_launcher_streams_a_large_row(gen, kernels):
+    launch_and_check(gen, kernels, (1, 262_144), torch.float32, weighted=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_scale_rows_skips_rows_scaled_by_one(gen, kernels, dtype):
+    grad = torch.randn(5, 3000, generator=gen).to(dtype)
+    per_row = torch.randn(5, generator=gen)
+    per_row[[0, 3]] = 1.0
+    for scale in (per_row, torch.tensor(1.0), torch.tensor(-2.5)):
+        scaled = grad.clone().to(DEVICE)
+        kernels.scale_rows_(scaled, scale.to(DEVICE))
+        scaled = scaled.cpu()
+        factor = scale.expand(5)[:, None]  # (5, 1)
+        untouched = factor[:, 0] == 1
+        assert torch.equal(scaled[untouched], grad[untouched])
+        if not untouched.all():
+            # One rounding step, not bitwise: the interpreter truncates float32 to bfloat16 (its cast
+            # ignores the rounding mode), where a GPU rounds to nearest.
+            expected = grad.double() * factor.double()
+            assert_matches(scaled[~untouched], expected[~untouched], dtype, f"rows scaled by {scale}")
+
+
+def test_kernels_compile_for_hopper():
+    # In a subprocess without TRITON_INTERPRET: this process's kernels are interpreted functions.
+    script = textwrap.dedent(
+        """
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from fastpretrain.kernels import hashtag_xent as k
+
+        target = GPUTarget("cuda", 90, 32)
+        pointers = {"logits_ptr": "*{dt}", "grad_ptr": "*{dt}", "loss_ptr": "*fp32", "labels_ptr": "*{ix}",
+                    "offsets_ptr": "*{ix}", "weights_ptr": "*fp32", "scale_ptr": "*fp32"}
+        scalars = {"logits_row_stride": "i64", "grad_row_stride": "i64", "n_cols": "i32"}
+        flags = ("HAS_WEIGHTS", "WRITE_GRAD", "SINGLE_BLOCK", "BLOCK")
+        variants = [("fp32", "i64", True, True, True, 32768), ("bf16", "i32", False, True, False, k.STREAM_BLOCK),
+                    ("fp16", "i64", False, False, True, 1024), ("fp32", "i32", True, False, False, k.STREAM_BLOCK)]
+        for dt, ix, weighted, write_grad, single, block in variants:
+            signature = {name: kind.format(dt=dt, ix=ix) for name, kind in pointers.items()}
+            signature.update(scalars)
+            signature.update({flag: "constexpr" for flag in flags})
+            constants = dict(zip(flags, (weighted, write_grad, single, block)))
+            source = triton.compiler.ASTSource(fn=k._hashtag_xent_fwd_kernel, signature=signature, constexprs=constants)
+            triton.compile(source, target=target, options={"num_warps": k._num_warps(block)})
+        for dt in ("fp32", "bf16"):
+            signature = {"grad_ptr": f"*{dt}", "grad_row_stride": "i64", "scale_ptr": "*fp32",
+                         "scale_stride": "i64", "n_cols": "i32", "BLOCK": "constexpr"}
+            source = triton.compiler.ASTSource(fn=k._scale_rows_kernel, signature=signature,
+                                               constexprs={"BLOCK": k.SCALE_BLOCK})
+            triton.compile(source, target=target, options={"num_warps": 8})
+        print("compiled")
+        """
+    )
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+@on_cuda
+def test_second_backward_raises_on_cuda(gen):
+    # The fused backward scales its saved gradient in place on CUDA (no synchronisation to read the factor).
+    batch = random_batch(gen, 3, 50)
+    logits = batch.logits.to(DEVICE).requires_grad_()
+    out = hashtag_cross_entropy(logits, batch.labels.to(DEVICE), batch.offsets.to(DEVICE), reduction="sum",
+                                backend="triton")
+    out.backward(torch.tensor(2.0, device=DEVICE), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+@on_cuda
+def test_value_checks_on_cuda_when_asked(monkeypatch):
+    logits = torch.zeros(2, 5, device=DEVICE)
+    labels = torch.tensor([0, 7], device=DEVICE)
+    offsets = torch.tensor([0, 1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match=r"labels\[1\] = 7"):
+        hashtag_cross_entropy(logits, labels, offsets, validate=True)
+    monkeypatch.setenv("FASTPRETRAIN_VALIDATE_LOSS", "1")
+    with pytest.raises(ValueError, match=r"labels\[1\] = 7"):
+        hashtag_cross_entropy(logits, labels, offsets)
