@@ -1,0 +1,36 @@
+"""Hashtags made into labels: WordNet canonicalization, vocabulary selection, label indexes, resampling.
+
+Names are imported lazily so that the data path (which only needs ``labels`` and ``resample``) never loads
+nltk or WordNet.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Canonicalizer": "canonical",
+    "Vocab": "vocab",
+    "VocabClass": "vocab",
+    "VocabBuildConfig": "vocab",
+    "VocabBuildSummary": "vocab",
+    "VocabLabelConfig": "vocab",
+    "LabelSummary": "vocab",
+    "build_vocab": "vocab",
+    "write_label_indexes": "vocab",
+    "LabelIndex": "labels",
+    "label_index_path": "labels",
+    "RESAMPLE_MODES": "resample",
+    "class_replication": "resample",
+    "image_replication": "resample",
+    "copies": "resample",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,0 +1,153 @@
+"""Reading posts from shards, JSON lines and YFCC TSV: every kind of bad input skipped and counted by reason."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fastpretrain.data.shards import ShardWriter, index_path_for
+from fastpretrain.errors import UserError
+from fastpretrain.hashtags import sources
+from fastpretrain.hashtags.sources import InputStats, input_format, iter_posts, list_inputs
+
+LONG_TAG = "x" * 10_000
+
+# (key, members, expected hashtags or None when the post is malformed) -- worked out by hand.
+SHARD_SAMPLES = [
+    ("s00", {"json": json.dumps({"tags": ["Car", "#cars"], "caption": "fun #Dog day, &#39;quote&#39;"}).encode()},
+     ["Car", "#cars", "Dog"]),
+    ("s01", {"json": b'{"tags": ['}, None),  # malformed_json
+    ("s02", {"json": b'{"tags": ["\xff\xfe"]}'}, None),  # invalid_utf8
+    ("s03", {"json": b'{"url": "http://x"}'}, None),  # missing_fields
+    ("s04", {"json": b'{"tags": [], "caption": "no tags here"}'}, []),  # empty_tags
+    ("s05", {"json": json.dumps({"tags": [LONG_TAG, "tree"]}).encode()}, ["tree"]),  # one tag_too_long
+    ("s06", {"json": json.dumps({"tags": ["😀", "🎉"]}).encode()}, ["😀", "🎉"]),  # kept here, no synset later
+    ("s07", {"json": b'{"tags": ["a\x00b"]}'}, None),  # nul_byte
+    ("s08", {"txt": "a photo #sunset".encode()}, ["sunset"]),
+    ("s09", {"jpg": b"\xff\xd8 not really"}, None),  # missing_metadata
+    ("s10", {"json": b'{"tags": "car"}'}, None),  # bad_field_type
+    ("s11", {"json": b"[1, 2]"}, None),  # bad_field_type
+    ("s12", {"jpg": b"\xff\xd8", "json": json.dumps({"tags": ["kitty"], "caption": None}).encode()}, ["kitty"]),
+]
+SHARD_REASONS = {"malformed_json": 1, "invalid_utf8": 1, "missing_fields": 1, "empty_tags": 1, "nul_byte": 1,
+                 "missing_metadata": 1, "bad_field_type": 2}
+
+
+def read(path: Path) -> tuple[list[tuple[str, list[str]]], InputStats]:
+    stats = InputStats()
+    return list(iter_posts(path, stats)), stats
+
+
+def write_shard(path: Path, samples, write_index: bool = False) -> Path:
+    with ShardWriter(path, write_index=write_index) as writer:
+        for key, members, _ in samples:
+            writer.write(key, members)
+    return path
+
+
+@pytest.mark.parametrize("indexed", [False, True])  # read whole, or only metadata members by the DALI index
+def test_shard_posts_and_reasons(tmp_path, monkeypatch, indexed):
+    shard = write_shard(tmp_path / "00000.tar", SHARD_SAMPLES, write_index=indexed)
+    if indexed:  # the index must be enough: reading the whole shard is not allowed
+        monkeypatch.setattr(sources, "iter_shard", None)
+    posts, stats = read(shard)
+    assert [key for key, _ in posts] == [key for key, _, _ in SHARD_SAMPLES]  # every sample keeps its row
+    assert [tags for _, tags in posts] == [expected or [] for _, _, expected in SHARD_SAMPLES]
+    assert stats.posts == len(SHARD_SAMPLES)
+    assert dict(stats.skipped_posts) == SHARD_REASONS
+    assert dict(stats.skipped_tags) == {"tag_too_long": 1}
+    assert stats.malformed == sum(SHARD_REASONS.values()) - SHARD_REASONS["empty_tags"]
+    assert stats.raw_hashtags == sum(len(e or []) for _, _, e in SHARD_SAMPLES)
+
+
+@pytest.mark.parametrize("index", ["none", "stale", "older-than-the-cut"])
+def test_truncated_shard_gives_its_whole_samples_and_is_counted(tmp_path, monkeypatch, index):
+    whole = write_shard(tmp_path / "whole.tar", SHARD_SAMPLES, write_index=index != "none")
+    data = whole.read_bytes()
+    cut = tmp_path / "whole.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    if index == "older-than-the-cut":  # e.g. copied with its index: times no longer tell
+        stamp = cut.stat().st_mtime_ns
+        os.utime(index_path_for(cut), ns=(stamp, stamp))
+        monkeypatch.setattr(sources, "iter_shard", None)
+    posts, stats = read(cut)
+    assert 0 < len(posts) < len(SHARD_SAMPLES)
+    assert posts == [(k, e or []) for k, _, e in SHARD_SAMPLES[: len(posts)]]
+    assert stats.skipped_posts["truncated_file"] == 1
+
+
+JSONL_LINES = [
+    (json.dumps({"key": "a", "tags": ["#IceCream", "geese"], "caption": "yum #dessert"}).encode(),
+     ("a", ["#IceCream", "geese", "dessert"])),
+    (b'{"key": "b", "tags": ["car"', None),  # malformed_json, no key: not yielded
+    (b'{"key": "c", "tags": ["\xc3\x28"]}', None),  # invalid_utf8
+    (json.dumps({"tags": ["car"]}).encode(), None),  # missing_fields (no key): not yielded
+    (json.dumps({"key": "e", "caption": None}).encode(), ("e", [])),  # missing_fields, yielded with no tags
+    (json.dumps({"key": 17, "tags": []}).encode(), ("17", [])),  # empty_tags; an integer key is fine
+    (b"   ", None),  # a blank line is no post
+    (json.dumps({"key": "g", "tags": [1, 2]}).encode(), ("g", [])),  # bad_field_type
+    (json.dumps({"key": "h", "tags": ["dog"], "caption": 5}).encode(), ("h", [])),  # bad_field_type
+    (json.dumps({"key": "i", "caption": "sunset #beach #Sea"}).encode(), ("i", ["beach", "Sea"])),
+]
+JSONL_REASONS = {"malformed_json": 1, "invalid_utf8": 1, "missing_fields": 2, "empty_tags": 1, "bad_field_type": 2}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_jsonl_posts_and_reasons(tmp_path, compress):
+    body = b"".join(line + b"\n" for line, _ in JSONL_LINES)
+    path = tmp_path / ("meta.jsonl.gz" if compress else "meta.jsonl")
+    path.write_bytes(gzip.compress(body) if compress else body)
+    posts, stats = read(path)
+    assert posts == [e for _, e in JSONL_LINES if e is not None]
+    assert stats.posts == len(JSONL_LINES) - 1  # all but the blank line
+    assert dict(stats.skipped_posts) == JSONL_REASONS
+
+
+def test_truncated_compressed_metadata_is_counted(tmp_path):
+    body = b"".join(json.dumps({"key": str(i), "tags": ["tree"]}).encode() + b"\n" for i in range(5000))
+    packed = gzip.compress(body)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    posts, stats = read(path)
+    assert len(posts) < 5000
+    assert stats.skipped_posts["truncated_file"] == 1
+
+
+def yfcc_row(columns: int, key: str, tags: str) -> str:
+    fields = [f"c{i}" for i in range(columns)]
+    key_col, tag_col = {23: (0, 8), 25: (1, 10), 2: (0, 1)}[columns]
+    fields[key_col], fields[tag_col] = key, tags
+    return "\t".join(fields)
+
+
+def test_yfcc_tsv_rows(tmp_path):
+    rows = [
+        yfcc_row(23, "1001", "ice+cream,new%20york,dog"),
+        yfcc_row(25, "1002", "golden+retriever"),
+        yfcc_row(2, "1003", ""),  # empty_tags
+        "only\tthree\tcolumns",  # bad_columns
+        yfcc_row(23, "", "dog"),  # bad_columns: no key
+    ]
+    path = tmp_path / "yfcc100m_dataset-0"
+    path.write_bytes(("\n".join(rows) + "\n").encode() + b"1004\t\xff\xfe\n" + b"1005\tca\x00t\n")
+    posts, stats = read(path)
+    assert posts == [("1001", ["ice cream", "new york", "dog"]), ("1002", ["golden retriever"]), ("1003", [])]
+    assert stats.posts == 7
+    assert dict(stats.skipped_posts) == {"empty_tags": 1, "bad_columns": 2, "invalid_utf8": 1, "nul_byte": 1}
+
+
+def test_formats_by_name_and_unknown_files_refused(tmp_path):
+    assert input_format(Path("a/00001.tar")) == "shard"
+    assert input_format(Path("m.JSONL.bz2")) == "jsonl"
+    assert input_format(Path("y.tsv.xz")) == "tsv"
+    with pytest.raises(UserError, match="cannot tell the format of notes.csv"):
+        input_format(Path("notes.csv"))
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.csv").write_text("")
+    assert list_inputs(str(tmp_path / "*.jsonl")) == [tmp_path / "a.jsonl"]
+    with pytest.raises(UserError, match="b.csv"):
+        list_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.csv")])
