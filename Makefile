@@ -10,12 +10,17 @@ DEMO_FLAGS ?= --amp --output runs/demo
 
 .PHONY: setup demo test bench wordnet clean
 
-setup: $(VENV)/.installed $(NLTK_WORDNET)/lexnames
+setup: $(VENV)/.installed $(NLTK_WORDNET)/lexnames $(VENV)/.cpp-built
 
 $(VENV)/.installed: pyproject.toml requirements/pins.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c requirements/pins.txt -e '.[dali,test]'
+	touch $@
+
+# The C++ loss kernels compile on first use (about a minute on 2 cores); do it once here, not inside a run.
+$(VENV)/.cpp-built: $(VENV)/.installed csrc/hashtag_xent.cpp
+	$(PY) -c "from fastpretrain.cpp_extension import load_extension; load_extension()"
 	touch $@
 
 # WordNet 3.0 for nltk, offline: Debian's packages, copied (nltk refuses symlinks that leave its

@@ -101,7 +101,8 @@ def train(cfg: TrainConfig) -> dict:
     warmup_steps = min(round(cfg.warmup_epochs * loader.batches_per_epoch), total_steps // 2)
     peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.batch_size)
     optimizer = build_optimizer(model, peak_lr, cfg.momentum, cfg.weight_decay)
-    loss_fn = HashtagCrossEntropy(backend=cfg.loss_backend)
+    # In place: the loss writes its gradient into the logits' buffer (they are not used after the loss)
+    loss_fn = HashtagCrossEntropy(backend=cfg.loss_backend, inplace=True)
 
     step = 0
     if cfg.resume:
