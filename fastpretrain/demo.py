@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastpretrain.data.synth import write_demo_corpus
 
-CORPUS_VERSION = 1  # bump when synth.py draws differently, so stale caches are not reused
+CORPUS_VERSION = 2  # bump when synth.py draws differently, so stale caches are not reused
 VAL_IMAGES = 1000
 
 

@@ -60,3 +60,19 @@ def test_objects_are_long_tailed_and_tags_noisy():
     assert noise == pytest.approx(n * len(NOISE_TAGS) * 0.12, rel=0.1)
     assert any(t in ("icecream", "IceCream") for post in tags for t in post)  # squashed multiword tags
     assert sum(not post for post in tags) > 0  # some posts lose every tag, as real ones do
+
+
+def test_object_hashtags_fold_into_one_wordnet_class_each():
+    """With real WordNet: every spelling of an object (synonym, plural, case, squashed multiword) is one synset,
+    and different objects are different synsets; the noise tags that are not nouns are dropped."""
+    from fastpretrain.hashtags import Canonicalizer
+
+    canon = Canonicalizer()
+    wnids = {}
+    for concept in OBJECTS:
+        ids = {canon.canonical(tag) for tag in concept.tags}
+        assert len(ids) == 1 and None not in ids, (concept.name, ids)
+        wnids[concept.name] = ids.pop()
+    assert len(set(wnids.values())) == len(OBJECTS)
+    assert wnids["car"] == "n02958343"  # car.n.01 (auto, automobile, machine, motorcar)
+    assert canon.canonical("instagood") is None and canon.canonical("photooftheday") is None

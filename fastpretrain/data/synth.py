@@ -43,7 +43,7 @@ OBJECTS = (
     Concept("tree", ("tree", "trees", "Tree")),
     Concept("star", ("star", "stars")),
     Concept("icecream", ("icecream", "ice_cream", "IceCream", "icecreams")),
-    Concept("heart", ("heart", "hearts")),
+    Concept("heart", ("heart", "Heart", "HEART")),  # not #hearts: WordNet reads that as the card game
     Concept("kite", ("kite", "kites")),
     Concept("moon", ("moon", "Moon")),
     Concept("umbrella", ("umbrella", "umbrellas")),

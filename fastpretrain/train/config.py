@@ -11,7 +11,7 @@ from fastpretrain.errors import UserError
 # What an unset flag means. The demo preset is sized for a 2-core CPU and must finish in under 5 minutes;
 # the paper preset follows Mahajan et al. 2018 (ResNeXt-101 32x8d, 224 px, SGD with momentum 0.9,
 # weight decay 1e-4, lr 0.1 per 256 images with linear warm-up, Goyal et al.).
-DEMO_PRESET = dict(arch="resnext_tiny", image_size=64, batch_size=32, epochs=4.0, lr=0.2, warmup_epochs=0.3,
+DEMO_PRESET = dict(arch="resnext_tiny", image_size=64, batch_size=32, epochs=2.5, lr=0.2, warmup_epochs=0.3,
                    workers=2, log_interval=25)
 PAPER_PRESET = dict(arch="resnext101_32x8d", image_size=224, batch_size=64, epochs=1.0, lr=None, warmup_epochs=0.1,
                     workers=8, log_interval=100)

@@ -137,7 +137,7 @@ def train(cfg: TrainConfig) -> dict:
                     # .item() syncs with the device: only here, once per log interval, never per step
                     record = {"event": "train", "step": step, "epoch": loader.epoch, "loss": loss_sum.item() / losses,
                               "lr": optimizer.param_groups[0]["lr"], "images_per_sec": meter.read(),
-                              "skipped_samples": sum(loader.skipped.values())}
+                              "skipped_samples": loader.skipped}  # per reason; "unlabeled" is by design
                     log.write(record)
                     log.advance(losses, loss=record["loss"], img_s=record["images_per_sec"])
                     loss_sum.zero_()

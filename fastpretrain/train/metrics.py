@@ -54,5 +54,9 @@ class Throughput:
         return rate
 
 
-def _short(value):
-    return f"{value:.4g}" if isinstance(value, float) else value
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items()) or "none"
+    return str(value)

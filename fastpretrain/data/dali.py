@@ -1,0 +1,188 @@
+"""The DALI backend: decode only each crop's region, resize, flip and normalize straight to NHWC fp16/fp32.
+
+One pipeline per loader::
+
+    external_source (encoded bytes, crop box, mirror flag, per sample)
+      -> fn.decoders.image_slice  (device="mixed": nvJPEG + the hardware JPEG decoder; "cpu": libjpeg-turbo threads)
+      -> fn.resize                (to image_size x image_size, antialiased, linear)
+      -> fn.crop_mirror_normalize (mirror, (x - 255 mean) / (255 std), NHWC, fp16 or fp32)
+
+``image_slice`` with a box decodes only that region, as ``fn.decoders.image_random_crop`` does; the box
+comes from ``decode.prepare_chunk`` (torchvision's RandomResizedCrop rule, drawn from the sample's position)
+instead of DALI's own generator, for two reasons: the torch backend cuts the same boxes, and a resumed run
+draws the boxes of the uninterrupted one (DALI's generator state cannot be saved). For the same reasons the
+bytes come from our stream (resampling copies, rank split, exact position) through ``external_source``, not
+from ``fn.readers.webdataset``; the stream reads them by the offsets of the same ``wds2idx`` index files.
+
+DALI has no bfloat16: for bf16 training the pipeline emits fp16 (normalized pixels are well within its
+range) and torch casts on the device.
+
+A decode error fails a whole DALI batch. ``probe_image`` rejects what would fail (non-images, truncation,
+bombs) before feeding; if a batch still fails, the pipeline is rebuilt and the batch decoded one image at a
+time to find the culprit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from fastpretrain.data.config import DataConfig
+from fastpretrain.data.decode import CropSpec, PreparedChunk, prepare_chunk
+from fastpretrain.data.shards import MemberReader
+from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleTable
+
+log = logging.getLogger("fastpretrain.data")
+
+# nvJPEG buffers preallocated for the largest image expected, so decoding never reallocates mid-run:
+# DALI's ResNet-50 training example sizes them for ImageNet's largest image (5980 x 6430).
+GPU_DECODER_ARGS = dict(
+    device_memory_padding=211_025_920,
+    host_memory_padding=140_544_512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+)
+
+
+def image_pipeline(
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    image_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    half: bool,
+    hw_decoder_load: float,
+):
+    """The (unbuilt) DALI pipeline; on a GPU (``device_id`` set) the decode is ``mixed``, else it runs on CPU threads."""
+    on_gpu = device_id is not None
+    decoder_args = dict(GPU_DECODER_ARGS, hw_decoder_load=hw_decoder_load) if on_gpu else {}
+
+    # Runs are scheduled ahead by hand (``schedule_run`` per fed batch, ``prefetch`` of them in flight): DALI's own
+    # prefetch queue would want that many batches fed before the first run.
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1,
+                  exec_dynamic=True)
+    def pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)  # (left, top) in pixels
+        shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)  # (width, height)
+        mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+        images = fn.decoders.image_slice(
+            encoded, anchor, shape, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+            normalized_anchor=False, normalized_shape=False, axis_names="WH", **decoder_args,
+        )
+        images = fn.resize(images, size=[image_size, image_size], antialias=True, interp_type=types.INTERP_LINEAR)
+        return fn.crop_mirror_normalize(
+            images, mirror=mirror, mean=[255 * m for m in mean], std=[255 * s for s in std],
+            dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC",
+        )
+
+    return pipeline()
+
+
+def _summary(error: Exception) -> str:
+    """The line of a DALI error that says what failed (the rest is the pipeline's traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("Failed")), lines[0] if lines else repr(error))
+
+
+class DaliDecoder:
+    """Turns PlanChunks into DecodedChunks with a DALI pipeline (see the module docstring)."""
+
+    def __init__(self, cfg: DataConfig, table: SampleTable, device: torch.device, dtype: torch.dtype, train: bool) -> None:
+        self.cfg = cfg
+        self.table = table
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.spec = CropSpec.from_config(cfg, train)
+        self.reader = MemberReader(table.paths)
+        self.half = dtype in (torch.float16, torch.bfloat16)
+        self.device_id = None
+        if self.device.type == "cuda":
+            self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _pipeline(self):
+        pipe = image_pipeline(self.cfg.batch_size, max(1, self.cfg.workers), self.device_id, self.cfg.image_size,
+                              self.cfg.mean, self.cfg.std, self.half, self.cfg.hw_decoder_load)
+        pipe.build()
+        return pipe
+
+    def decode(self, chunks: Iterator[PlanChunk]) -> Iterator[DecodedChunk]:
+        """Decoded chunks in the order of ``chunks``, keeping up to ``prefetch_batches`` runs in flight."""
+        pipe = self._pipeline()
+        in_flight: deque[PreparedChunk] = deque()  # in order; the non-empty ones are scheduled on ``pipe``
+        try:
+            for chunk in chunks:
+                prepared = prepare_chunk(chunk, self.table, self.reader, self.spec)
+                if len(prepared):
+                    self._schedule(pipe, prepared)
+                in_flight.append(prepared)
+                while in_flight and (len(in_flight) > self.cfg.prefetch_batches or not len(in_flight[0])):
+                    pipe, decoded = self._collect(pipe, in_flight)
+                    yield decoded
+            while in_flight:
+                pipe, decoded = self._collect(pipe, in_flight)
+                yield decoded
+        finally:
+            del pipe
+
+    def _schedule(self, pipe, prepared: PreparedChunk) -> None:
+        boxes = prepared.boxes
+        pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in prepared.encoded])
+        pipe.feed_input("anchor", list(np.stack([boxes.left, boxes.top], axis=1).astype(np.float32)))
+        pipe.feed_input("shape", list(np.stack([boxes.width, boxes.height], axis=1).astype(np.float32)))
+        pipe.feed_input("mirror", list(boxes.flip.astype(np.int32)))
+        pipe.schedule_run()
+
+    def _collect(self, pipe, in_flight: deque[PreparedChunk]):
+        """(pipeline, the oldest in-flight chunk decoded); the pipeline is a new one after a decode error."""
+        prepared = in_flight.popleft()
+        if not len(prepared):
+            return pipe, self._decoded(prepared, self._empty())
+        try:
+            (images,) = pipe.outputs()
+            return pipe, self._decoded(prepared, self._to_torch(images))
+        except RuntimeError as e:
+            log.info("DALI batch failed (%s); decoding it one image at a time", _summary(e))
+        del pipe
+        pipe, prepared, images = self._one_by_one(prepared)
+        for later in in_flight:  # they were scheduled on the failed pipeline
+            if len(later):
+                self._schedule(pipe, later)
+        return pipe, self._decoded(prepared, images)
+
+    def _one_by_one(self, prepared: PreparedChunk):
+        pipe = self._pipeline()
+        images, failed = [], {}
+        for i in range(len(prepared)):
+            self._schedule(pipe, prepared.subset(np.array([i])))
+            try:
+                (out,) = pipe.outputs()
+                images.append(self._to_torch(out))
+            except RuntimeError as e:
+                failed[i] = _summary(e)
+                del pipe
+                pipe = self._pipeline()
+        images = torch.cat(images) if images else self._empty()
+        return pipe, prepared.drop(failed, "decode_error"), images
+
+    def _empty(self) -> torch.Tensor:
+        size = self.cfg.image_size
+        return torch.empty((0, size, size, 3), dtype=self.dtype, device=self.device)
+
+    def _to_torch(self, images) -> torch.Tensor:
+        """DALI's (k, S, S, 3) output -> a torch tensor of the training dtype on the device."""
+        tensor = images.as_tensor()
+        out = torch.empty(tensor.shape(), dtype=torch.float16 if self.half else torch.float32, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(tensor, out, cuda_stream=stream)
+        return out.to(self.dtype)
+
+    def _decoded(self, prepared: PreparedChunk, images: torch.Tensor) -> DecodedChunk:
+        return DecodedChunk(prepared.epoch, prepared.positions, prepared.samples, images, prepared.bad)

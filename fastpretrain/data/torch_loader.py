@@ -1,0 +1,186 @@
+"""The torch backend: torchvision's decoders, an antialiased resized crop, flip, normalize.
+
+On a CPU device, DataLoader worker processes read, check, decode and crop whole chunks, and hand back
+(k, S, S, 3) uint8 crops; the training process only normalizes. On a CUDA device the workers read and
+check, and the training process decodes each chunk's JPEGs with one batched ``decode_jpeg(device="cuda")``
+(nvJPEG) and crops on the GPU, so pixels never cross PCIe at full size.
+
+Crop boxes come from ``decode.prepare_chunk``, shared with the DALI backend, so both cut the same regions.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from fastpretrain.data.config import DataConfig
+from fastpretrain.data.decode import CropSpec, PreparedChunk, prepare_chunk
+from fastpretrain.data.shards import MemberReader
+from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleTable
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec, on every call; the issue asks for
+# torchvision's decode_jpeg, and the warning would repeat for every image.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    # A copy: torch wants a writable buffer, and the bytes object is not.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) as displayed under EXIF ``orientation`` (1-8), as PIL's ``ImageOps.exif_transpose`` turns it.
+
+    Needed after nvJPEG, which ignores EXIF (the CPU decoder applies it itself).
+    """
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return image.rot90(-1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return image.rot90(1, (-2, -1))
+    return image
+
+
+def crop_resize(image: torch.Tensor, left: int, top: int, width: int, height: int, size: int, flip: bool) -> torch.Tensor:
+    """(3, H, W) uint8 -> the box resized to (size, size, 3) uint8 with antialiasing, mirrored if ``flip``."""
+    crop = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)  # (3, size, size)
+    if flip:
+        crop = crop.flip(-1)
+    return crop.permute(1, 2, 0)
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """(3, H, W) uint8 RGB on the CPU, EXIF orientation applied; RuntimeError if the data does not decode."""
+    return decode_image(_as_tensor(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+
+
+@dataclass
+class WorkerOutput:
+    """A chunk from a worker: the prepared chunk, and its crops (k, S, S, 3) uint8 when decoded on the CPU."""
+
+    prepared: PreparedChunk
+    pixels: torch.Tensor | None
+
+    def pin_memory(self) -> WorkerOutput:
+        # DataLoader's pin_memory thread calls this on custom batch types.
+        return WorkerOutput(self.prepared, None if self.pixels is None else self.pixels.pin_memory())
+
+
+class ChunkReader(Dataset):
+    """Indexed by PlanChunk: reads and checks its images and, unless ``decode`` is off, decodes and crops them."""
+
+    def __init__(self, table: SampleTable, spec: CropSpec, decode: bool) -> None:
+        self.table = table
+        self.spec = spec
+        self.decode = decode
+        self.reader = MemberReader(table.paths)
+
+    def __getitem__(self, chunk: PlanChunk) -> WorkerOutput:
+        prepared = prepare_chunk(chunk, self.table, self.reader, self.spec)
+        if not self.decode:
+            return WorkerOutput(prepared, None)
+        size = self.spec.image_size
+        pixels = torch.empty((len(prepared), size, size, 3), dtype=torch.uint8)  # (k, S, S, 3)
+        failed: dict[int, str] = {}
+        boxes = prepared.boxes
+        for i, data in enumerate(prepared.encoded):
+            try:
+                image = decode_rgb(data)
+            except Exception as e:  # noqa: BLE001 - whatever the decoder throws, the sample is skipped
+                failed[i] = str(e).splitlines()[-1]
+                continue
+            pixels[i - len(failed)] = crop_resize(image, int(boxes.left[i]), int(boxes.top[i]), int(boxes.width[i]),
+                                                  int(boxes.height[i]), size, bool(boxes.flip[i]))
+        return WorkerOutput(prepared.drop(failed, "decode_error"), pixels[: len(prepared) - len(failed)])
+
+
+def _keep(output: WorkerOutput) -> WorkerOutput:
+    return output
+
+
+class TorchDecoder:
+    """Turns PlanChunks into DecodedChunks with torchvision (see the module docstring)."""
+
+    def __init__(self, cfg: DataConfig, table: SampleTable, device: torch.device, dtype: torch.dtype, train: bool) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.on_gpu = self.device.type == "cuda"
+        self.chunk_reader = ChunkReader(table, CropSpec.from_config(cfg, train), decode=not self.on_gpu)
+        # (x - 255 mean) / (255 std) as x * scale + bias over whole pixel rows, (S * 3,): broadcasting a (3,)
+        # vector over NHWC's last dim runs 4-5x slower on a CPU (measured: 0.49 vs 0.10 ms per 224px image).
+        std = torch.tensor(cfg.std, dtype=torch.float64) * 255
+        mean = torch.tensor(cfg.mean, dtype=torch.float64) * 255
+        self.scale_row = (1 / std).repeat(cfg.image_size).float().to(self.device)
+        self.bias_row = (-mean / std).repeat(cfg.image_size).float().to(self.device)
+
+    def decode(self, chunks: Iterator[PlanChunk]) -> Iterator[DecodedChunk]:
+        """Decoded chunks in the order of ``chunks``."""
+        if self.cfg.workers == 0:
+            outputs: Iterator[WorkerOutput] = map(self.chunk_reader.__getitem__, chunks)
+        else:
+            outputs = iter(DataLoader(
+                self.chunk_reader, batch_size=None, sampler=chunks, num_workers=self.cfg.workers,
+                collate_fn=_keep, pin_memory=self.on_gpu, prefetch_factor=self.cfg.prefetch_batches,
+            ))
+        try:
+            for output in outputs:
+                yield self._finish(output)
+        finally:
+            # The last reference: the DataLoader iterator shuts its workers down now, not at garbage collection.
+            del outputs
+
+    def _finish(self, output: WorkerOutput) -> DecodedChunk:
+        prepared, pixels = output.prepared, output.pixels
+        if pixels is None:
+            prepared, pixels = self._decode_on_gpu(prepared)
+        k, size = pixels.shape[0], self.cfg.image_size
+        rows = pixels.to(self.device, non_blocking=True).view(k, size, size * 3).float()  # (k, S, S * 3)
+        torch.addcmul(self.bias_row, rows, self.scale_row, out=rows)
+        images = rows.view(k, size, size, 3).to(self.dtype)
+        return DecodedChunk(prepared.epoch, prepared.positions, prepared.samples, images, prepared.bad)
+
+    def _decode_on_gpu(self, prepared: PreparedChunk) -> tuple[PreparedChunk, torch.Tensor]:
+        size = self.cfg.image_size
+        jpegs = [i for i, info in enumerate(prepared.infos) if info.format == "JPEG"]
+        decoded: dict[int, torch.Tensor] = {}
+        failed: dict[int, str] = {}
+        if jpegs:
+            try:
+                batch = decode_jpeg([_as_tensor(prepared.encoded[i]) for i in jpegs], mode=ImageReadMode.RGB,
+                                    device=self.device)
+                decoded.update(zip(jpegs, batch))
+            except RuntimeError:
+                pass  # one bad image fails the whole batched call: the loop below decodes one by one
+        for i, data in enumerate(prepared.encoded):
+            if i in decoded:
+                decoded[i] = apply_orientation(decoded[i], prepared.infos[i].orientation)
+                continue
+            try:  # what nvJPEG cannot decode (PNG, WebP, some JPEGs), the CPU decoder may
+                decoded[i] = decode_rgb(data).to(self.device, non_blocking=True)
+            except Exception as e:  # noqa: BLE001 - whatever the decoder throws, the sample is skipped
+                failed[i] = str(e).splitlines()[-1]
+        boxes = prepared.boxes
+        crops = [
+            crop_resize(decoded[i], int(boxes.left[i]), int(boxes.top[i]), int(boxes.width[i]), int(boxes.height[i]),
+                        size, bool(boxes.flip[i]))
+            for i in range(len(prepared)) if i not in failed
+        ]
+        pixels = torch.stack(crops) if crops else torch.empty((0, size, size, 3), dtype=torch.uint8, device=self.device)
+        return prepared.drop(failed, "decode_error"), pixels

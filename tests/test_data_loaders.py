@@ -1,0 +1,500 @@
+"""The sample stream and the train/eval loaders of both backends, on small corpora written here.
+
+Each image is a flat colour (unique per sample) with a faint texture: the colour a batch shows identifies the
+sample, so the labels, the order and the coverage of every batch are checked against the label index and
+counts worked out here, and the texture makes different crops give different pixels (for exact resume).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader
+from fastpretrain.data.config import IMAGENET_MEAN, IMAGENET_STD
+from fastpretrain.data.decode import random_resized_boxes, sample_uniforms
+from fastpretrain.data.shards import ShardWriter
+from fastpretrain.data.loader import resolve_backend
+from fastpretrain.data.stream import gather_rows
+from fastpretrain.errors import DataError, UserError
+from fastpretrain.hashtags.labels import LabelIndex, label_index_path
+from fastpretrain.hashtags.vocab import Vocab, VocabClass
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+try:
+    import nvidia.dali  # noqa: F401
+
+    BACKENDS = ["torch", "dali"]
+except ImportError:
+    BACKENDS = ["torch"]
+
+CPU = torch.device("cpu")
+LEVELS = (24, 88, 152, 216)  # 64 apart: JPEG keeps a flat colour within a few levels
+WNIDS = [f"n{i:08d}" for i in range(6)]
+VOCAB_HASH = Vocab.hash_of(WNIDS, "concrete-first", "3.0")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    seed = time.time_ns() % 2**32
+    print(f"seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return LEVELS[i % 4], LEVELS[(i // 4) % 4], LEVELS[(i // 16) % 4]
+
+
+def textured(rng: np.random.Generator, rgb: tuple[int, int, int], height: int, width: int) -> np.ndarray:
+    """(H, W, 3) uint8: the colour plus a +-14 smooth texture (crops differ, their mean stays near the colour)."""
+    bumps = rng.integers(-14, 15, (3, 3, 1)).astype(np.float32)
+    texture = np.asarray(Image.fromarray(((bumps + 14) * 9).astype(np.uint8)[..., 0]).resize((width, height), Image.BILINEAR))
+    return np.clip(np.array(rgb, np.float32) + texture[..., None].astype(np.float32) / 9 - 14, 0, 255).astype(np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", mode: str = "RGB", **options) -> bytes:
+    if fmt == "JPEG":
+        options.setdefault("quality", 95)
+    out = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+@dataclass
+class Corpus:
+    shards: Path
+    labels: Path
+    vocab: Vocab
+    rows: dict[str, list[int]]  # the label row of every sample in a shard's label index
+    colours: dict[tuple[int, int, int], str]  # colour -> key, for samples with a decodable image
+    order: list[str]  # every key in shard order
+
+    def usable(self) -> list[str]:
+        """Keys that should come out: labeled, decodable, with json (in shard order)."""
+        decodable = set(self.colours.values())
+        return [k for k in self.order if self.rows.get(k) and k in decodable]
+
+    def config(self, **overrides) -> DataConfig:
+        settings = dict(shards=str(self.shards), labels_dir=str(self.labels), batch_size=5, image_size=16,
+                        workers=0, shuffle_buffer=8, resample="natural", seed=7)
+        settings.update(overrides)
+        return DataConfig(**settings)
+
+
+def make_vocab(rows: list[list[int]]) -> Vocab:
+    """Counts by hand: images per class, and images with at least one class."""
+    counts = [sum(c in row for row in rows) for c in range(len(WNIDS))]
+    classes = [VocabClass(i, w, [w], counts[i]) for i, w in enumerate(WNIDS)]
+    return Vocab(classes, "concrete-first", VOCAB_HASH, sum(1 for row in rows if row))
+
+
+def make_corpus(root: Path, rng: np.random.Generator, shards: int = 3, per_shard: int = 12, odd=None) -> Corpus:
+    """``shards`` shards of ``per_shard`` textured JPEGs of random sizes (8 to 59 pixels a side);
+    ``odd(shard, i, key, rgb)`` may replace a sample by ``(files, label row or None to leave the key out of the
+    label index, the colour its image shows or None if it must not decode)``."""
+    rows, colours, order, number = {}, {}, [], 0
+    for s in range(shards):
+        path = root / "train" / f"{s:05d}.tar"
+        keys, index_rows = [], []
+        with ShardWriter(path) as writer:
+            for i in range(per_shard):
+                key, rgb = f"{s:05d}{i:04d}", colour(number)
+                number += 1
+                row = sorted(set(rng.integers(0, len(WNIDS), int(rng.integers(0, 4))).tolist()))
+                image = textured(rng, rgb, int(rng.integers(8, 60)), int(rng.integers(8, 60)))
+                files, shown = {"jpg": encode(image), "json": b"{}"}, rgb
+                if odd is not None and (replaced := odd(s, i, key, rgb)) is not None:
+                    files, row, shown = replaced
+                writer.write(key, files)
+                order.append(key)
+                if shown is not None:
+                    colours[shown] = key
+                if row is not None:
+                    keys.append(key)
+                    index_rows.append(row)
+                    rows[key] = row
+        LabelIndex.from_rows(keys, index_rows, VOCAB_HASH).save(label_index_path(root / "labels", path))
+    return Corpus(root / "train", root / "labels", make_vocab(list(rows.values())), rows, colours, order)
+
+
+def identify(batch: Batch, corpus: Corpus) -> list[str]:
+    """The key of each image of a batch, from its mean colour."""
+    std = torch.tensor(IMAGENET_STD)[:, None, None] * 255
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None] * 255
+    pixels = batch.images.float() * std + mean  # (B, 3, H, W)
+    shown = pixels.mean(dim=(2, 3)).numpy()  # (B, 3)
+    keys = []
+    for rgb in shown:
+        nearest = tuple(LEVELS[int(np.abs(np.array(LEVELS) - v).argmin())] for v in rgb)
+        assert np.abs(np.array(nearest) - rgb).max() < 20, f"colour {rgb} is near no sample's"
+        keys.append(corpus.colours[nearest])
+    return keys
+
+
+def check_batch(batch: Batch, corpus: Corpus, size: int, count: int, dtype=torch.float32) -> list[str]:
+    """Shape, layout, dtype, and labels equal to the label index rows of the samples shown; their keys."""
+    assert batch.images.shape == (count, 3, size, size) and batch.images.dtype == dtype
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.labels.dtype == torch.int64 and batch.offsets.dtype == torch.int64
+    keys = identify(batch, corpus)
+    expected = [corpus.rows[k] for k in keys]
+    assert batch.offsets.tolist() == np.cumsum([0] + [len(r) for r in expected]).tolist()
+    assert batch.labels.tolist() == [c for r in expected for c in r]
+    return keys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_batches_are_full_labelled_and_cover_each_epoch(tmp_path, rng, backend):
+    corpus = make_corpus(tmp_path, rng)
+    cfg = corpus.config(backend=backend, batch_size=int(rng.integers(3, 8)))
+    loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    usable = corpus.usable()
+    assert loader.batches_per_epoch == max(1, round(len(usable) / cfg.batch_size))
+    seen: list[str] = []
+    while len(seen) < 2 * len(usable) + cfg.batch_size:
+        seen += check_batch(next(loader), corpus, cfg.image_size, cfg.batch_size)
+    # Natural sampling: each epoch shows every usable sample exactly once, in a new order.
+    first, second = seen[: len(usable)], seen[len(usable): 2 * len(usable)]
+    assert sorted(first) == sorted(usable) and sorted(second) == sorted(usable) and first != second
+    assert loader.epoch == len(seen) // len(usable)
+    assert loader.skipped == {"unlabeled": sum(1 for k in corpus.order if not corpus.rows[k])}
+    loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_batches(tmp_path, rng, backend):
+    corpus = make_corpus(tmp_path, rng, shards=1)
+    loader = build_train_loader(corpus.config(backend=backend), corpus.vocab, CPU, torch.bfloat16, rank=0, world_size=1)
+    check_batch(next(loader), corpus, 16, 5, dtype=torch.bfloat16)
+    loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_yields_the_batches_of_the_uninterrupted_run(tmp_path, rng, backend):
+    corpus = make_corpus(tmp_path, rng, per_shard=8)
+    cfg = corpus.config(backend=backend, resample="sqrt", batch_size=4)
+    run = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    for _ in range(int(rng.integers(1, 8))):  # often past an epoch boundary (about 3 batches an epoch)
+        next(run)
+    state = run.state_dict()
+    expected = [next(run) for _ in range(5)]
+    run.close()
+
+    resumed = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == state["epoch"]
+    for want in expected:
+        got = next(resumed)
+        assert torch.equal(got.images, want.images)  # same samples, same crops, same flips
+        assert torch.equal(got.labels, want.labels) and torch.equal(got.offsets, want.offsets)
+    other = build_train_loader(corpus.config(backend=backend, seed=8), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    with pytest.raises(UserError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_torch_workers_give_the_same_batches_as_in_process(tmp_path, rng):
+    corpus = make_corpus(tmp_path, rng, shards=2, per_shard=10)
+    batches = {}
+    for workers in (0, 2):
+        loader = build_train_loader(corpus.config(workers=workers, backend="torch"), corpus.vocab, CPU, torch.float32,
+                                    rank=0, world_size=1)
+        batches[workers] = [next(loader) for _ in range(6)]
+        loader.close()
+    for a, b in zip(batches[0], batches[2]):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_ranks_read_disjoint_shares_of_the_shards(tmp_path, rng):
+    corpus = make_corpus(tmp_path, rng, shards=5, per_shard=4)
+    cfg = corpus.config(backend="torch")
+    plans = []
+    for rank in range(3):
+        loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=rank, world_size=3)
+        table = loader.stream.table
+        assert [p.name for p in table.paths] == [f"{s:05d}.tar" for s in range(5)][rank::3]
+        plans.append({str(table.keys[i]) for i in loader.stream.plan(0)})
+    assert sum(len(p) for p in plans) == len(set().union(*plans)) == len(corpus.usable())
+    with pytest.raises(UserError, match="6 ranks"):
+        build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=6)
+
+
+def test_sqrt_resampling_emits_each_image_about_r_times(tmp_path, rng):
+    """r(h) = max(1, sqrt(t / f(h))), t the head class's share; an image takes its classes' largest r."""
+    corpus = make_corpus(tmp_path, rng, shards=2, per_shard=20)
+    loader = build_train_loader(corpus.config(resample="sqrt"), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    counts, num_images = corpus.vocab.counts, corpus.vocab.num_images
+    t = counts.max() / num_images
+    expected = {}
+    for key in corpus.usable():
+        expected[key] = max(max(1.0, math.sqrt(t / (counts[c] / num_images))) for c in corpus.rows[key])
+    keys = loader.stream.table.keys
+    epochs = 60
+    totals = dict.fromkeys(expected, 0)
+    for epoch in range(epochs):
+        emitted = {}
+        for i in loader.stream.plan(epoch):
+            emitted[str(keys[i])] = emitted.get(str(keys[i]), 0) + 1
+        assert set(emitted) <= set(expected)
+        for key, r in expected.items():
+            assert math.floor(r) <= emitted.get(key, 0) <= math.ceil(r)
+            totals[key] += emitted.get(key, 0)
+    for key, r in expected.items():
+        # Bernoulli(frac r) over 60 epochs: standard deviation at most 0.5 / sqrt(60) = 0.065 per epoch.
+        assert abs(totals[key] / epochs - r) < 0.3
+    assert loader.samples_per_epoch == pytest.approx(sum(expected.values()))
+
+
+def test_windowed_shuffle_is_local_deterministic_and_new_each_epoch(tmp_path, rng):
+    corpus = make_corpus(tmp_path, rng, shards=4, per_shard=16)
+    window = int(rng.integers(2, 12))
+
+    def stream(**overrides):
+        cfg = corpus.config(**{"shuffle_buffer": window, **overrides})
+        return build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1).stream
+
+    a, b = stream(), stream()
+    plans = [a.plan(e) for e in range(3)]
+    np.testing.assert_array_equal(plans[0], b.plan(0))
+    assert not np.array_equal(plans[0], plans[1]) and not np.array_equal(plans[0], stream(seed=99).plan(0))
+    sequential = stream(shuffle_buffer=0)
+    for epoch, plan in enumerate(plans):
+        in_order = sequential.plan(epoch)  # the same shard order, samples in shard order
+        assert sorted(in_order) == sorted(plan)
+        assert (np.diff(in_order[np.isin(sequential.table.shard_of[in_order], [0])]) > 0).all()
+        where = {int(s): p for p, s in enumerate(in_order)}
+        displacement = np.array([abs(p - where[int(s)]) for p, s in enumerate(plan)])
+        assert displacement.max() <= window and displacement.any()
+
+
+GREY = (152, 152, 152)  # colour(42): no other sample of a 3 x 14 corpus shows it
+
+
+def odd_samples(s: int, i: int, key: str, rgb):
+    """Shard 0 holds one of each odd-but-real and each broken kind of sample; the rest are normal."""
+    if s != 0:
+        return None
+    image = textured(np.random.default_rng(i), rgb, 40, 30)
+    jpeg = encode(image)
+    cases = {
+        0: ({"jpg": encode(image, mode="CMYK"), "json": b"{}"}, [1], rgb),
+        1: ({"jpg": encode(textured(np.random.default_rng(i), GREY, 30, 40), mode="L"), "json": b"{}"}, [2], GREY),
+        2: ({"jpg": encode(image, progressive=True), "json": b"{}"}, [1], rgb),
+        3: ({"jpg": encode(np.full((1, 1, 3), rgb, np.uint8)), "json": b"{}"}, [3], rgb),
+        4: ({"jpg": encode(image, "PNG"), "json": b"{}"}, [4], rgb),
+        5: ({"jpg": encode(image, "WEBP", lossless=True), "json": b"{}"}, [5], rgb),
+        6: ({"jpg": jpeg[: len(jpeg) // 2], "json": b"{}"}, [1], None),  # truncated
+        7: ({"jpg": b"<html>403 Forbidden</html>", "json": b"{}"}, [1], None),  # not an image
+        8: ({"jpg": encode(textured(np.random.default_rng(i), rgb, 60, 60)), "json": b"{}"}, [2], None),  # too large
+        9: ({"jpg": jpeg}, [2], None),  # no .json
+        10: ({"jpg": jpeg, "json": b"{}"}, None, None),  # not in the label index
+        11: ({"jpg": bogus_sampling(jpeg), "json": b"{}"}, [3], None),  # a sound header, an undecodable body
+    }
+    return cases.get(i)
+
+
+def bogus_sampling(jpeg: bytes) -> bytes:
+    """The JPEG with its first component's sampling factors zeroed in the frame header: every header parser
+    reads it, every decoder refuses it (the case that makes a whole DALI batch fail)."""
+    frame = jpeg.find(b"\xff\xc0")
+    broken = bytearray(jpeg)
+    broken[frame + 11] = 0x00  # marker (2), length (2), precision (1), height (2), width (2), count (1), id (1)
+    return bytes(broken)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_data_is_skipped_counted_and_never_shortens_a_batch(tmp_path, rng, backend, caplog):
+    corpus = make_corpus(tmp_path, rng, shards=3, per_shard=14, odd=odd_samples)
+    # Shard 1 becomes unreadable; its label index says it held 14 samples.
+    (corpus.shards / "00001.tar").write_bytes(rng.bytes(5000))
+    (corpus.shards / "00001.idx").unlink()
+    corpus.colours = {c: k for c, k in corpus.colours.items() if not k.startswith("00001")}
+    good = corpus.usable()
+    unlabeled = sum(1 for k in corpus.order if not k.startswith("00001") and corpus.rows.get(k) == [])
+
+    # 59 x 59 is the largest normal image, 60 x 60 the bomb.
+    cfg = corpus.config(backend=backend, max_bad_fraction=0.9, decode_limit_pixels=59 * 59, batch_size=4)
+    caplog.set_level(logging.WARNING, logger="fastpretrain.data")
+    loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    seen = []
+    while len(seen) < len(good) + 4:
+        batch = next(loader)
+        assert batch.images.shape[0] == 4
+        seen += check_batch(batch, corpus, 16, 4)
+    assert sorted(seen[: len(good)]) == sorted(good)
+    expected = {"truncated": 1, "not_image": 1, "too_large": 1, "missing_json": 1, "missing_labels": 1,
+                "decode_error": 1, "unreadable_shard": 14, "unlabeled": unlabeled}
+    assert loader.skipped == {reason: n for reason, n in expected.items() if n}
+    # One warning per reason and shard, naming the shard.
+    warned = [r.getMessage() for r in caplog.records]
+    for reason in ("truncated", "not_image", "too_large", "missing_json", "missing_labels", "decode_error"):
+        assert sum(reason in m and "00000.tar" in m for m in warned) == 1, reason
+    assert sum("unreadable_shard" in m and "00001.tar" in m for m in warned) == 1
+    loader.close()
+
+    with pytest.raises(DataError, match="00001.tar"):  # unreadable shard: over the limit before any decoding
+        build_train_loader(corpus.config(backend=backend, max_bad_fraction=0.2), corpus.vocab, CPU, torch.float32,
+                           rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_too_many_corrupt_images_stop_with_an_error_naming_the_shard(tmp_path, rng, backend):
+    def corrupt_some(s, i, key, rgb):
+        return ({"jpg": b"\xff\xd8\xff garbage", "json": b"{}"}, [1], None) if s == 1 and i % 2 else None
+
+    corpus = make_corpus(tmp_path, rng, shards=3, per_shard=10, odd=corrupt_some)
+    loader = build_train_loader(corpus.config(backend=backend, max_bad_fraction=0.1), corpus.vocab, CPU,
+                                torch.float32, rank=0, world_size=1)
+    with pytest.raises(DataError, match="00001.tar"):
+        for _ in range(20):
+            next(loader)
+    loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_loader_shows_every_labeled_sample_once_in_shard_order(tmp_path, rng, backend):
+    corpus = make_corpus(tmp_path, rng)
+    cfg = corpus.config(backend=backend, batch_size=int(rng.integers(3, 9)))
+    loader = build_eval_loader(cfg, corpus.vocab, CPU, torch.float32)
+    usable = corpus.usable()
+    for _ in range(2):  # each iteration is a whole pass
+        batches = list(loader)
+        assert len(batches) == len(loader) == math.ceil(len(usable) / cfg.batch_size)
+        last = len(usable) - cfg.batch_size * (len(batches) - 1)
+        sizes = [cfg.batch_size] * (len(batches) - 1) + [last]
+        assert [k for b, n in zip(batches, sizes) for k in check_batch(b, corpus, 16, n)] == usable
+    assert loader.skipped["unlabeled"] == sum(1 for k in corpus.order if not corpus.rows[k])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_cut_the_same_pixels_as_pil_on_the_same_box(tmp_path, rng, backend):
+    """PIL as the reference: the same box, an antialiased bilinear resize, the same flip, the same normalization.
+    Both backends matching it is also what makes them statistically the same as each other."""
+
+    def photo(s, i, key, rgb):  # a busier picture than the flat colours, some turned by EXIF
+        image = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+            (int(rng.integers(40, 120)), int(rng.integers(40, 120))), Image.BICUBIC))
+        exif = Image.Exif()
+        exif[0x0112] = int(rng.choice([1, 1, 3, 6, 8]))
+        return {"jpg": encode(image, exif=exif), "json": b"{}"}, [1], rgb
+
+    corpus = make_corpus(tmp_path, rng, shards=1, per_shard=12, odd=photo)
+    size, count = 24, 12
+    cfg = corpus.config(backend=backend, batch_size=count, image_size=size, shuffle_buffer=0)
+    loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    got = next(loader).images.permute(0, 2, 3, 1)  # (B, S, S, 3)
+    samples = loader.stream.plan(0)[:count]  # no bad sample: batch 0 is positions 0 .. B-1 of epoch 0
+    loader.close()
+
+    pil = []
+    with tarfile.open(corpus.shards / "00000.tar") as tar:
+        for position, sample in enumerate(samples):
+            data = tar.extractfile(f"{corpus.order[int(sample)]}.jpg").read()
+            picture = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+            box = random_resized_boxes(np.array([picture.width]), np.array([picture.height]),
+                                       sample_uniforms(cfg.seed, 0, np.array([position])))
+            left, top, w, h = int(box.left[0]), int(box.top[0]), int(box.width[0]), int(box.height[0])
+            crop = np.asarray(picture.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)),
+                              dtype=np.float64)  # (S, S, 3); PIL's bilinear widens its filter when shrinking
+            pil.append(crop[:, ::-1] if box.flip[0] else crop)
+    std, mean = np.array(IMAGENET_STD) * 255, np.array(IMAGENET_MEAN) * 255
+    reference = torch.from_numpy((np.stack(pil) - mean) / std).float()
+    error = ((got - reference) * torch.from_numpy(std).float()).abs()  # in 0-255 levels
+    # Decoders (IDCT, chroma upsampling) and resamplers differ by rounding, not by content: a box off by a few
+    # pixels, a missed flip or a missed EXIF turn costs tens of levels on these pictures.
+    assert error.mean() < 3.0
+
+
+def test_dali_gpu_pipeline_definition():
+    """The GPU pipeline cannot run here: check its graph, operator by operator, without building it."""
+    if "dali" not in BACKENDS:
+        pytest.skip("DALI not installed")
+    from nvidia.dali import types
+
+    from fastpretrain.data.dali import GPU_DECODER_ARGS, image_pipeline
+
+    pipe = image_pipeline(256, 8, 0, 224, IMAGENET_MEAN, IMAGENET_STD, half=True, hw_decoder_load=0.75)
+    pipe._build_graph()  # DALI's own graph construction (what build() does before touching the device)
+    ops = [(inst._op.__class__.__name__, inst._op.device, inst._op._init_args) for inst in pipe._ops]
+    assert [name for name, _, _ in ops] == ["ExternalSource"] * 3 + ["ImageSlice", "Resize", "ExternalSource",
+                                                                     "CropMirrorNormalize"]
+    assert {device for name, device, _ in ops if name == "ExternalSource"} == {"cpu"}
+    _, device, decode = ops[3]
+    assert device == "mixed" and decode["hw_decoder_load"] == 0.75 and decode["output_type"] == types.RGB
+    assert decode["axis_names"] == "WH" and not decode["normalized_anchor"] and not decode["normalized_shape"]
+    assert all(decode[k] == v for k, v in GPU_DECODER_ARGS.items())
+    _, device, resize = ops[4]
+    assert device == "gpu" and resize["size"] == [224, 224] and resize["antialias"]
+    _, device, normalize = ops[6]
+    assert device == "gpu" and normalize["dtype"] == types.FLOAT16 and normalize["output_layout"] == "HWC"
+    assert normalize["mean"] == pytest.approx([255 * m for m in IMAGENET_MEAN])
+    assert normalize["std"] == pytest.approx([255 * s for s in IMAGENET_STD])
+    assert pipe.device_id == 0 and pipe.max_batch_size == 256 and pipe.num_threads == 8
+
+    cpu = image_pipeline(8, 2, None, 64, IMAGENET_MEAN, IMAGENET_STD, half=False, hw_decoder_load=0.75)
+    cpu._build_graph()
+    decode = next(inst._op for inst in cpu._ops if inst._op.__class__.__name__ == "ImageSlice")
+    assert decode.device == "cpu" and "hw_decoder_load" not in decode._init_args
+
+
+def test_label_index_of_another_vocabulary_is_refused(tmp_path, rng):
+    corpus = make_corpus(tmp_path, rng, shards=1)
+    other = make_vocab(list(corpus.rows.values()))
+    other.content_hash = Vocab.hash_of(WNIDS[::-1], "concrete-first", "3.0")
+    with pytest.raises(UserError, match="another vocabulary"):
+        build_train_loader(corpus.config(), other, CPU, torch.float32, rank=0, world_size=1)
+
+
+def test_missing_label_indexes_count_as_bad_samples(tmp_path, rng):
+    corpus = make_corpus(tmp_path, rng, shards=2)
+    label_index_path(corpus.labels, corpus.shards / "00001.tar").unlink()
+    loader = build_train_loader(corpus.config(max_bad_fraction=0.6), corpus.vocab, CPU, torch.float32, rank=0,
+                                world_size=1)
+    assert loader.skipped["missing_labels"] == 12
+    with pytest.raises(DataError, match="00001.tar"):
+        build_train_loader(corpus.config(), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("backend", "opencv"), ("batch_size", 0), ("image_size", 4), ("workers", -1), ("shuffle_buffer", -1),
+    ("resample", "log"), ("resample_t", 0.0), ("max_bad_fraction", 1.5), ("decode_limit_pixels", 0),
+    ("crop_scale", (0.5, 0.2)), ("crop_ratio", (0.0, 1.0)), ("seed", 1.5), ("shards", []), ("labels_dir", ""),
+])
+def test_config_names_the_bad_field(field, value):
+    settings = {"shards": "data/", "labels_dir": "labels/", field: value}
+    with pytest.raises(UserError, match=f"data.{field}"):
+        DataConfig(**settings)
+
+
+def test_auto_backend_is_dali_when_importable_and_says_why(caplog):
+    caplog.set_level(logging.INFO, logger="fastpretrain.data")
+    from fastpretrain.data import loader
+
+    loader._LOGGED.clear()
+    choice = resolve_backend("auto")
+    resolve_backend("auto")
+    assert choice == ("dali" if "dali" in BACKENDS else "torch")
+    messages = [r.getMessage() for r in caplog.records if "data backend" in r.getMessage()]
+    assert len(messages) == 1 and choice in messages[0] and "importable" in messages[0]
+    assert resolve_backend("torch") == "torch"
+
+
+def test_gather_rows_against_a_loop(rng):
+    lengths = rng.integers(0, 5, 30)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(0, 100, offsets[-1])
+    rows = rng.integers(-1, 30, 50)
+    got, got_offsets = gather_rows(offsets, values, rows)
+    expected = [values[offsets[r]: offsets[r + 1]] if r >= 0 else [] for r in rows]
+    assert got.tolist() == [v for row in expected for v in row]
+    assert got_offsets.tolist() == np.cumsum([0] + [len(r) for r in expected]).tolist()
