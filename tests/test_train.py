@@ -95,3 +95,10 @@ def test_bad_cli_input_is_one_line_and_exit_2(args, message):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_torchrun_world_is_refused_until_ddp_exists(monkeypatch):
+    """Under torchrun each rank would otherwise train a separate model on its share of the shards."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_cli("train", "--steps", "1")
+    assert result.returncode == 2 and "not supported yet" in result.stderr and "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ import torch
 from torch import nn
 
 from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader
+from fastpretrain.errors import UserError
 from fastpretrain.evaluate import evaluate
 from fastpretrain.hashtags import Vocab
 from fastpretrain.loss import HashtagCrossEntropy
-from fastpretrain.models import create_model, to_channels_last
+from fastpretrain.models import count_parameters, create_model, to_channels_last
 from fastpretrain.train.checkpoint import load_checkpoint, save_checkpoint
 from fastpretrain.train.config import TrainConfig
 from fastpretrain.train.metrics import MetricsLog, Throughput
@@ -80,8 +82,19 @@ def write_run_info(output: Path, cfg: TrainConfig, device: torch.device, precisi
     (output / "env.json").write_text(json.dumps(env, indent=2) + "\n")
 
 
+def evaluate_held_out(model: nn.Module, datasets: Datasets, vocab: Vocab, cfg: TrainConfig, device: torch.device,
+                      precision: Precision) -> dict:
+    """precision@1/@5 on the held-out split, with the baseline of always ranking the most frequent class first."""
+    val_cfg = DataConfig(shards=datasets.val, labels_dir=datasets.val_labels, backend=cfg.data_backend,
+                         batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers)
+    return evaluate(model, build_eval_loader(val_cfg, vocab, device, precision.dtype),
+                    majority_class=int(np.argmax(vocab.counts)), autocast=precision.autocast())
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; return the final evaluation (or the last training record without val data)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would train its own model on its share of shards
+        raise UserError("multi-process training (torchrun, WORLD_SIZE > 1) is not supported yet; run one process")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = choose_precision(device, cfg.amp)
@@ -119,7 +132,7 @@ def train(cfg: TrainConfig) -> dict:
             "vocab_hash": vocab.content_hash, "classes": [c.wnid for c in vocab.classes]})
 
     log = MetricsLog(output, total_steps, initial_step=step)
-    print(f"training {cfg.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+    print(f"training {cfg.arch} ({count_parameters(model) / 1e6:.2f}M parameters) on "
           f"{len(vocab)} hashtag classes, {total_steps} steps of {cfg.batch_size} images, {device}, "
           f"{precision.dtype}", flush=True)
     batches, meter = iter(loader), Throughput()
@@ -149,11 +162,7 @@ def train(cfg: TrainConfig) -> dict:
                     raise Stopped(stop.requested, step, str(output / "checkpoint.pt"))
         checkpoint()
         if datasets.val is not None:
-            val_cfg = DataConfig(shards=datasets.val, labels_dir=datasets.val_labels, backend=cfg.data_backend,
-                                 batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers)
-            result = evaluate(model, build_eval_loader(val_cfg, vocab, device, precision.dtype),
-                              majority_class=int(np.argmax(vocab.counts)), autocast=precision.autocast())
-            record = {"event": "eval", "step": step, **result}
+            record = {"event": "eval", "step": step, **evaluate_held_out(model, datasets, vocab, cfg, device, precision)}
             log.write(record)
     finally:
         log.close()
