@@ -44,7 +44,7 @@ import pytest
 from fastpretrain.data.shards import ShardWriter
 from fastpretrain.hashtags.canonical import Canonicalizer, hashtag_key
 from fastpretrain.hashtags.sources import InputStats, iter_posts
-from fastpretrain.hashtags.vocab import VocabBuildConfig, build_vocab
+from fastpretrain.hashtags.build import VocabBuildConfig, build_vocab
 
 TAGS_PER_POST = 5
 LOOKUP_STREAM = 200_000

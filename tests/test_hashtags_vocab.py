@@ -21,7 +21,8 @@ from fastpretrain.errors import DataError, UserError
 from fastpretrain.hashtags import commands
 from fastpretrain.hashtags.canonical import Canonicalizer
 from fastpretrain.hashtags.labels import LabelIndex, label_index_path
-from fastpretrain.hashtags.vocab import Vocab, VocabBuildConfig, build_vocab, write_label_indexes
+from fastpretrain.hashtags.build import VocabBuildConfig, build_vocab, write_label_indexes
+from fastpretrain.hashtags.vocab import Vocab
 
 
 def wnid(name: str) -> str:

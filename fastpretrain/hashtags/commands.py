@@ -48,7 +48,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from fastpretrain.hashtags.vocab import VocabBuildConfig, build_vocab
+    from fastpretrain.hashtags.build import VocabBuildConfig, build_vocab
 
     config = VocabBuildConfig(
         data=args.data, out=args.out, size=args.size, min_count=args.min_count, targeted=args.targeted,
@@ -59,7 +59,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from fastpretrain.hashtags.vocab import Vocab, VocabLabelConfig, write_label_indexes
+    from fastpretrain.hashtags.build import VocabLabelConfig, write_label_indexes
+    from fastpretrain.hashtags.vocab import Vocab
 
     config = VocabLabelConfig(data=args.data, vocab=args.vocab, out=args.out, workers=args.workers,
                               max_bad_fraction=args.max_bad_fraction)
