@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from fastpretrain.train.config import DEMO_PRESET, PAPER_PRESET, TrainConfig
-
-
-def _preset_help(name: str) -> str:
-    return f"(default: {DEMO_PRESET[name]} for the demo, {PAPER_PRESET[name]} with --data)"
+from fastpretrain.train.config import PAPER_PRESET, TrainConfig
 
 
 def _default(name: str) -> str:
     """Flags default to None so that TrainConfig alone holds the defaults; the help shows them."""
     return f"(default: {TrainConfig.__dataclass_fields__[name].default})"
+
+
+def _preset_help(name: str) -> str:
+    return f"(default: {TrainConfig.__dataclass_fields__[name].default} for the demo, {PAPER_PRESET[name]} with --data)"
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -49,7 +49,8 @@ def register(subparsers) -> None:
     opt.add_argument("-b", "--batch-size", type=int, help="images per process " + _preset_help("batch_size"))
     opt.add_argument("--epochs", type=float, help="passes over the resampled stream " + _preset_help("epochs"))
     opt.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    opt.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 x batch / 256; the demo uses 0.2)")
+    opt.add_argument("--lr", type=float, help="peak learning rate (default: 0.2 for the demo, 0.1 x batch / 256 with "
+                                              "--data: the linear scaling rule)")
     opt.add_argument("--momentum", type=float, help=_default("momentum"))
     opt.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, help=_default("weight_decay"))
     opt.add_argument("--warmup-epochs", type=float, help="linear warm-up " + _preset_help("warmup_epochs"))
