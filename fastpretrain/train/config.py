@@ -15,6 +15,11 @@ PAPER_PRESET = dict(arch="resnext101_32x8d", image_size=224, batch_size=64, epoc
                     workers=8, log_interval=100)
 
 
+def flag(field: str) -> str:
+    """The command-line flag of a config field, for error messages."""
+    return {"image_size": "--img-size", "arch": "--model"}.get(field, "--" + field.replace("_", "-"))
+
+
 @dataclass
 class TrainConfig:
     data: str | None = None  # training shards (folder, glob or brace pattern); None trains on the demo corpus
@@ -47,7 +52,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "batch_size", "log_interval", "demo_images"):
             if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         if self.epochs <= 0 and self.steps is None:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.steps <= 0:
@@ -55,7 +60,7 @@ class TrainConfig:
         for name in ("workers", "lr", "momentum", "weight_decay", "warmup_epochs", "checkpoint_interval"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+                raise UserError(f"{flag(name)} must not be negative, got {value}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         from fastpretrain.models import list_models
