@@ -101,8 +101,10 @@ def _signature_format(data: bytes) -> str | None:
 def _is_complete(data: bytes, image_format: str) -> bool:
     if image_format == "JPEG":
         # Entropy-coded data never holds FF D9 (FF is stuffed), so the end-of-image marker must come after
-        # the start of the last scan. An EXIF thumbnail's own EOI lies before the first scan.
-        return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
+        # the start of the last scan. An EXIF thumbnail's own EOI lies before the first scan. Searched from
+        # both ends (no scan after the last EOI, a scan before it), not over the whole entropy-coded data.
+        end = data.rfind(b"\xff\xd9")
+        return end >= 0 and data.find(b"\xff\xda", end) < 0 and data.find(b"\xff\xda", 0, end) >= 0
     if image_format == "PNG":
         return data.rfind(b"IEND", max(0, len(data) - 64)) >= 0
     # WEBP: a RIFF container, whose header holds the size of what follows it.
