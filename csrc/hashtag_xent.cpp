@@ -1,17 +1,42 @@
 // Fused hashtag softmax cross-entropy on the CPU: the loss and the gradient of a row in one visit, the
-// gradient optionally written into the logits' own buffer, ATen's vectorized exp, rows spread over threads
-// with at::parallel_for.
+// gradient optionally written into the logits' own buffer, a vectorized exp, rows spread over threads.
 //
 // Row i's target spreads its labels' weights (1 each when there are none) normalized to sum 1:
 //   loss_i = logsumexp(z_i) - sum_j t_ij z_ij,   grad_i = (softmax(z_i) - t_i) * grad_scale.
 // A row whose labels weigh 0 in total has loss 0 and gradient 0.
 //
-// Floor: one read of the logits from memory, one write of the gradient, one exp per element. A row
-// (17,000 floats = 68 KB) fits in L2, so its passes (max; exp and sum, storing the exps; targets; scale)
-// touch memory once for the logits and once for the gradient. Storing the exps and rescaling them beat
-// recomputing the exps in the last pass (measured on 2 cores, single-threaded: 3.1 vs 3.6 ms in place at
-// 256 x 17000). Reduced types (bf16, fp16) are widened into a float32 scratch row, reused row after row,
-// so that each gradient element is rounded to its dtype once.
+// A row (17,000 floats = 68 KB) fits in L2, so its passes (max, taken while the previous row's exps are
+// computed; exp and sum, storing the exps; targets; scale) touch memory once for the logits and once for
+// the gradient. Storing the exps and rescaling them
+// beat recomputing the exps in the last pass (single-threaded: 3.1 vs 3.6 ms in place at 256 x 17000).
+// Reduced types (bf16, fp16) are widened in registers as they are read; their exps go to a float32
+// scratch row, reused row after row, so that each gradient element is rounded to its dtype once.
+//
+// Floor, measured before optimizing (2-core AVX-512 machine, 2026-11-29, in place):
+//   bytes: one read + one write of the logits. 256 x 17000 float32 is 17 MB, which stays in the
+//     last-level cache between calls: a copy of it takes 1.25 ms on 1 thread, 0.65 ms on 2 (bf16: 0.33).
+//     1024 x 32768 float32 (134 MB) comes from DRAM: its copy takes 20 ms on 1 thread, 10.6 ms on 2
+//     (about 25 GB/s; bf16 3.5 ms).
+//   exps: one per element. ATen's exp_u20 took 0.26 ns per element on 1 thread (exp, store and sum of
+//     an L2-resident row): 4.35 M elements, 1.13 ms on 1 thread, 0.57 ms on 2. The max, scale and bf16
+//     conversion passes add about half as many vector instructions again.
+//   So 256 x 17000 looked compute-bound (about 0.85 ms of vector work on 2 threads against a 0.65 ms
+//   copy), 1024 x 32768 float32 memory-bound (10.6 ms), its bf16 compute-bound (34 M exps: 4.4 ms).
+// Found then: the kernel ran 2.0 ms at 256 x 17000 float32 on 1 thread and on 2 alike, because ATen's
+// at::parallel_for, a header template, is serial unless the extension is compiled with OpenMP
+// (cpp_extension.py now passes -fopenmp). Predicted: 2x from the second core where it is free; 10% from
+// prefetching the next row during the exps (its max pass then reads L2, not the last-level cache); 20%
+// from an exp of 12 instead of 21 vector instructions (vec_exp below).
+// Measured after: the exp alone went from 0.25-0.38 to 0.13 ns per element, and the kernel (alone, in
+// place, 1 / 2 threads) at 256 x 17000 from 2.04 to 1.6 / 0.85 ms in float32, 2.33 to 1.75 / 0.9 in bf16.
+// The prefetch gained little: timing the passes one by one then showed the max pass, stalled on the
+// first read of the row, costing as much as the exps (0.5 of 1.5 ms in float32, 0.6 of 1.7 in bf16).
+// Taking each row's max during the previous row's exps instead (their arithmetic hides the loads) gave
+// 1.13 / 0.67 ms in float32 and 1.26 / 0.71 in bf16. 1024 x 32768 float32 ran 19.4 / 9.7 ms before that
+// last step, at the copy's 10.6: the floor. Rounding bf16 with AVX512-BF16's one-instruction conversion
+// instead of ATen's 16-instruction emulation changed nothing (tried, not kept).
+// Both cores are shared with other jobs here: a busy second core makes any 2-thread region, ours or
+// PyTorch's, wait for it (8 ms steps seen), hence rows are handed out dynamically.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,7 +44,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -30,10 +58,33 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Sleef's exp (1 ulp) costs about twice ATen's polynomial exp_u20 (20 ulp, 1.2e-6 relative): the contract
-// allows 1e-5 relative error in float32, so float takes the fast one. Double keeps the accurate one: it
-// exists for gradcheck, which needs double precision.
-inline Vectorized<float> vec_exp(const Vectorized<float>& x) { return x.exp_u20(); }
+// exp of x <= 0 (a logit minus its row's max), the kernel's inner cost. Sleef's exp (1 ulp) costs about
+// twice ATen's polynomial exp_u20 (20 ulp, 21 vector instructions on AVX-512); on AVX-512 the version
+// below takes 12: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-5 minimax polynomial for
+// e^r (fitted in float64, relative error 7.5e-8), and vscalefps for 2^n, which also underflows gradually
+// to 0 (x = -inf gives exactly 0). Measured in float32 against float64 over [-104, 0]: relative error
+// at most 2.0e-7 above FLT_MIN, within the contract's 1e-5. Double keeps Sleef's exp: it exists for
+// gradcheck, which needs double precision.
+inline Vectorized<float> vec_exp(const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // Below -150 ln2 the result rounds to 0 anyway; the clamp keeps -inf out of the polynomial. Constant
+  // first: _mm512_max_ps returns its second operand when either is NaN, so a NaN stays NaN.
+  const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-103.97208f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269502f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln2 split in two so that n * ln2_hi is exact: r keeps its accuracy for |n| up to 150.
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), clamped);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00829765480f), r, _mm512_set1_ps(0.0419153832f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166675746f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499988943f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.999999702f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.00000012f));
+  return _mm512_scalef_ps(p, n);
+#else
+  return x.exp_u20();
+#endif
+}
 inline Vectorized<double> vec_exp(const Vectorized<double>& x) { return x.exp(); }
 
 // Sums of up to this many elements accumulate in one vector register (at most 2048 / lanes additions per
@@ -51,18 +102,25 @@ struct RowTargets {
   acc_t weight(int64_t j) const { return weights == nullptr ? acc_t(1) : weights[j]; }
 };
 
-// Widens a reduced-precision row into float32 scratch (vectorized); float and double rows are used as-is.
-template <typename scalar_t, typename acc_t>
-void widen(const scalar_t* src, acc_t* dst, int64_t n) {
-  using bVec = Vectorized<scalar_t>;
+// Calls body(d, v, w) for each whole vector of a[begin:end) and b[begin:end) widened to acc_t (v holds
+// a[d : d + lanes], w the same of b) and returns where the scalar tail starts. Reduced types are widened
+// in registers: a float32 copy of the row would cost one more pass over it.
+template <typename scalar_t, typename acc_t, typename Body>
+int64_t for_each_vector_pair(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end, Body&& body) {
   using fVec = Vectorized<acc_t>;
-  int64_t d = 0;
-  for (; d + bVec::size() <= n; d += bVec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(src + d));
-    lo.store(dst + d);
-    hi.store(dst + d + fVec::size());
+  int64_t d = begin;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; d + fVec::size() <= end; d += fVec::size()) body(d, fVec::loadu(a + d), fVec::loadu(b + d));
+  } else {
+    using bVec = Vectorized<scalar_t>;
+    for (; d + bVec::size() <= end; d += bVec::size()) {
+      auto [a_lo, a_hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(a + d));
+      auto [b_lo, b_hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(b + d));
+      body(d, a_lo, b_lo);
+      body(d + fVec::size(), a_hi, b_hi);
+    }
   }
-  for (; d < n; ++d) dst[d] = static_cast<acc_t>(src[d]);
+  return d;
 }
 
 // dst = src * factor, rounded once to dst's dtype (in place when dst and src are the same float row).
@@ -85,49 +143,66 @@ void scale_into(const acc_t* src, acc_t factor, scalar_t* dst, int64_t n) {
 }
 
 template <typename acc_t>
-acc_t row_max(const acc_t* x, int64_t n) {
+acc_t reduce_max(const Vectorized<acc_t>& v) {
   using fVec = Vectorized<acc_t>;
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  int64_t d = 0;
-  if (n >= fVec::size()) {
-    fVec vm(m);
-    for (; d + fVec::size() <= n; d += fVec::size()) vm = at::vec::maximum(vm, fVec::loadu(x + d));
-    m = at::vec::vec_reduce_all<acc_t>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vm);
-  }
-  for (; d < n; ++d) m = std::max(m, x[d]);
+  return at::vec::vec_reduce_all<acc_t>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t row_max(const scalar_t* x, int64_t n) {
+  using fVec = Vectorized<acc_t>;
+  fVec vm(-std::numeric_limits<acc_t>::infinity());
+  // Rare (a chunk's first row, a row after an unlabeled one): the second operand, unused, costs little.
+  int64_t d = for_each_vector_pair<scalar_t, acc_t>(x, x, 0, n, [&](int64_t, const fVec& v, const fVec&) {
+    vm = at::vec::maximum(vm, v);
+  });
+  acc_t m = reduce_max(vm);
+  for (; d < n; ++d) m = std::max(m, static_cast<acc_t>(x[d]));
   return m;
 }
 
 // Returns sum_d exp(x[d] - shift); stores the exps into out when out is not null (out may alias x).
-template <typename acc_t>
-double exp_sum(const acc_t* x, acc_t shift, acc_t* out, int64_t n) {
+// Meanwhile takes the max of next[0:n), the row this thread works on next, into *next_max: its loads
+// then overlap the exps' arithmetic. As a pass of its own, stalled on memory, the max cost as much as
+// the exps (single-threaded, 256 x 17000: 0.5 ms of 1.5 in float32, 0.6 of 1.7 in bf16).
+template <typename scalar_t, typename acc_t>
+double exp_sum(const scalar_t* x, acc_t shift, acc_t* out, int64_t n, const scalar_t* next, acc_t* next_max) {
   using fVec = Vectorized<acc_t>;
   const fVec vshift(shift);
+  fVec vmax(-std::numeric_limits<acc_t>::infinity());
   double total = 0.0;
   int64_t d = 0;
-  while (d + fVec::size() <= n) {
-    const int64_t block_end = std::min(n, d + kSumBlock);
+  // Blocks are whole vectors (kSumBlock is a multiple of every vector width): only the last has a tail.
+  for (int64_t block = 0; block < n && d == block; block += kSumBlock) {
     fVec acc(acc_t(0));
-    for (; d + fVec::size() <= block_end; d += fVec::size()) {
-      fVec e = vec_exp(fVec::loadu(x + d) - vshift);
-      if (out != nullptr) e.store(out + d);
+    d = for_each_vector_pair<scalar_t, acc_t>(x, next, block, std::min(n, block + kSumBlock),
+                                              [&](int64_t at, const fVec& v, const fVec& w) {
+      vmax = at::vec::maximum(vmax, w);
+      const fVec e = vec_exp(v - vshift);
+      if (out != nullptr) e.store(out + at);
       acc = acc + e;
-    }
+    });
     total += at::vec::vec_reduce_all<acc_t>([](fVec& a, fVec& b) { return a + b; }, acc);
   }
+  acc_t m = reduce_max(vmax);
   for (; d < n; ++d) {
-    const acc_t e = std::exp(x[d] - shift);
+    const acc_t e = std::exp(static_cast<acc_t>(x[d]) - shift);
     if (out != nullptr) out[d] = e;
     total += e;
+    m = std::max(m, static_cast<acc_t>(next[d]));
   }
+  *next_max = m;
   return total;
 }
 
 // One row: returns its loss and, when grad is not null, writes (softmax - target) * grad_scale into it.
 // grad may alias x_in (the in-place mode); scratch holds C floats when scalar_t is a reduced type.
+// own_max is this row's max when the previous row took it; next_max receives next_row's (when next_row
+// is not null and this row has labels), for the row after.
 template <typename scalar_t, typename acc_t>
-acc_t xent_row(const scalar_t* x_in, scalar_t* grad, acc_t* scratch, int64_t C,
-               const RowTargets<acc_t>& row, acc_t grad_scale) {
+acc_t xent_row(const scalar_t* x_in, scalar_t* grad, acc_t* scratch, int64_t C, const RowTargets<acc_t>& row,
+               acc_t grad_scale, std::optional<acc_t> own_max, const scalar_t* next_row,
+               std::optional<acc_t>& next_max) {
   constexpr bool kWide = std::is_same_v<scalar_t, acc_t>;
 
   // Target logits first: in the in-place mode the exps below overwrite them.
@@ -143,20 +218,15 @@ acc_t xent_row(const scalar_t* x_in, scalar_t* grad, acc_t* scratch, int64_t C,
       weighted_logits += w * static_cast<acc_t>(x_in[label]);
     }
   }
+  next_max.reset();
   if (!(total_weight > 0)) {
     if (grad != nullptr) std::fill(grad, grad + C, scalar_t(0));
     return acc_t(0);
   }
 
-  const acc_t* x;
-  if constexpr (kWide) {
-    x = x_in;
-  } else {
-    widen(x_in, scratch, C);
-    x = scratch;
-  }
   // Clamped to the finite range so that a row of -inf never computes -inf - -inf.
-  const acc_t max = std::max(row_max(x, C), std::numeric_limits<acc_t>::lowest());
+  const acc_t max = std::max(own_max.has_value() ? *own_max : row_max<scalar_t, acc_t>(x_in, C),
+                             std::numeric_limits<acc_t>::lowest());
 
   // Exps land where the gradient is assembled: the gradient row itself when it is wide, else scratch.
   acc_t* exps = nullptr;
@@ -167,7 +237,11 @@ acc_t xent_row(const scalar_t* x_in, scalar_t* grad, acc_t* scratch, int64_t C,
       exps = scratch;
     }
   }
-  const acc_t sum = static_cast<acc_t>(exp_sum(x, max, exps, C));
+  acc_t max_of_next;
+  // Without a row to come, the row's own max again: a few wasted loads, no branch in the inner loop.
+  const acc_t sum = static_cast<acc_t>(
+      exp_sum<scalar_t, acc_t>(x_in, max, exps, C, next_row == nullptr ? x_in : next_row, &max_of_next));
+  if (next_row != nullptr) next_max = max_of_next;
   // (max - target logit) + log-sum: at large logits, max + log-sum would round the log-sum away.
   const acc_t loss = (max - weighted_logits / total_weight) + std::log(sum);
 
@@ -180,6 +254,23 @@ acc_t xent_row(const scalar_t* x_in, scalar_t* grad, acc_t* scratch, int64_t C,
     scale_into(exps, grad_scale / sum, grad, C);
   }
   return loss;
+}
+
+// A fresh gradient buffer of many MiB faults in 4 KiB page by page on its first write: at 1024 x 32768
+// float32, 32,768 faults, about as long as the kernel itself. Advised to transparent huge pages before that
+// write, it faults 512 times fewer. Only its 2 MiB-aligned interior (what huge pages can back) is advised;
+// the advice belongs to the buffer's own mapping and dies with it. torch's THP_MEM_ALLOC_ENABLE=1 does the
+// same for every allocation of the process.
+constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t first = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t begin = (first + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (first + bytes) & ~(kHugePage - 1);
+  // Advice only: where the kernel refuses it (THP disabled), the pages stay small and nothing else changes.
+  if (end >= begin + 2 * kHugePage) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
 }
 
 template <typename scalar_t>
@@ -200,17 +291,31 @@ void forward_typed(const at::Tensor& logits, const at::Tensor& labels, const at:
   acc_t* loss_ptr = row_loss.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(grad_scale);
 
-  // About 32K elements per task: enough work to pay for a task, small enough to balance 2..64 threads.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, B, grain, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> scratch(kWide ? 0 : C);
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t begin = offset_ptr[i];
-      const int64_t end = offset_ptr[i + 1];
-      TORCH_CHECK(0 <= begin && begin <= end && end <= nnz, "hashtag_xent: offsets are not a valid CSR at row ", i);
-      const RowTargets<acc_t> row{label_ptr, weight_ptr, begin, end};
-      loss_ptr[i] = xent_row<scalar_t, acc_t>(x + i * C, g == nullptr ? nullptr : g + i * C, scratch.data(), C,
-                                             row, scale);
+  // About 32K elements per chunk of rows: enough work to pay for taking it, small enough to balance threads.
+  const int64_t chunk = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  const int64_t n_chunks = (B + chunk - 1) / chunk;
+  // Threads take chunks from a shared counter instead of one fixed half each: on a shared machine one
+  // core is often slowed by another process, and a fixed split waits for that core's whole half.
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), n_chunks);
+  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
+    std::vector<acc_t> scratch(kWide || g == nullptr ? 0 : C);
+    std::optional<acc_t> max_of_next;  // the max of the row this thread takes next, when already known
+    for (int64_t c = next_chunk++; c < n_chunks;) {
+      // Claimed one chunk ahead, so that its first row's max can be taken during this chunk's last row.
+      const int64_t following = next_chunk++;
+      const int64_t last = std::min(B, (c + 1) * chunk);
+      for (int64_t i = c * chunk; i < last; ++i) {
+        const int64_t begin = offset_ptr[i];
+        const int64_t end = offset_ptr[i + 1];
+        TORCH_CHECK(0 <= begin && begin <= end && end <= nnz, "hashtag_xent: offsets are not a valid CSR at row ", i);
+        const RowTargets<acc_t> row{label_ptr, weight_ptr, begin, end};
+        const int64_t next = i + 1 < last ? i + 1 : (following < n_chunks ? following * chunk : -1);
+        const std::optional<acc_t> own_max = max_of_next;
+        loss_ptr[i] = xent_row<scalar_t, acc_t>(x + i * C, g == nullptr ? nullptr : g + i * C, scratch.data(), C,
+                                               row, scale, own_max, next < 0 ? nullptr : x + next * C, max_of_next);
+      }
+      c = following;
     }
   });
 }
@@ -237,6 +342,9 @@ void hashtag_xent_forward(const at::Tensor& logits, const at::Tensor& labels, co
   if (grad.has_value()) {
     TORCH_CHECK(grad->scalar_type() == logits.scalar_type() && grad->is_contiguous() && grad->sizes() == logits.sizes(),
                 "hashtag_xent_forward: grad must be contiguous, of the logits' shape and dtype");
+  }
+  if (grad.has_value() && grad->data_ptr() != logits.data_ptr()) {
+    advise_huge_pages(grad->data_ptr(), grad->nbytes());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "hashtag_xent_forward", [&] {
     forward_typed<scalar_t>(logits, labels, offsets, weights, grad_scale, row_loss, grad);

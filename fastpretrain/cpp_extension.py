@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -57,9 +58,26 @@ def extension_name() -> str:
     return f"fastpretrain_csrc_{tag}"
 
 
+# ATen's at::parallel_for is a header template: compiled without OpenMP it runs every range on the calling
+# thread (ParallelOpenMP.h is guarded by _OPENMP), so the kernel used one core whatever
+# torch.get_num_threads() said. Only with torch's OpenMP backend: the libgomp it loads (soname
+# libgomp.so.1) is the one the extension's OpenMP calls bind to, one thread pool for both.
+_OPENMP_FLAGS = ["-fopenmp"]
+
+
+def _uses_openmp() -> bool:
+    # Linux only: Apple's clang has no -fopenmp (the kernel then runs on one thread, as before).
+    return sys.platform.startswith("linux") and "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def build_flags() -> list[str]:
-    """Compiler flags: optimized, with the vector instructions ATen uses here."""
-    return ["-O3", *_CAPABILITY_FLAGS.get(cpu_capability(), [])]
+    """Compiler flags: optimized, with the vector instructions ATen uses here, and ATen's OpenMP."""
+    return ["-O3", *_CAPABILITY_FLAGS.get(cpu_capability(), []), *(_OPENMP_FLAGS if _uses_openmp() else [])]
+
+
+def link_flags() -> list[str]:
+    """Linker flags: OpenMP's runtime when the kernels are compiled with it."""
+    return _OPENMP_FLAGS if _uses_openmp() else []
 
 
 def source_paths() -> list[str]:
@@ -110,6 +128,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
                     name=extension_name(),
                     sources=source_paths(),
                     extra_cflags=build_flags(),
+                    extra_ldflags=link_flags(),
                     build_directory=str(folder),
                     verbose=verbose,
                 )

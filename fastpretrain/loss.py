@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -111,33 +112,44 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tens
             raise ValueError(f"{name} are on {tensor.device}, logits on {logits.device}: they must share a device")
 
 
+def _host_values(indices: torch.Tensor) -> np.ndarray:
+    """A NumPy view of an integer CPU tensor (of a host copy from any other device)."""
+    return (indices if indices.device.type == "cpu" else indices.cpu()).numpy()
+
+
 def check_target_values(labels: torch.Tensor, offsets: torch.Tensor, num_classes: int,
                         weights: torch.Tensor | None = None) -> None:
     """Offsets form a CSR over labels, labels lie in [0, num_classes), weights are finite and >= 0.
 
-    Reads the values (one synchronisation on CUDA): call it where the batch is built, on the CPU.
+    Reads the values (copies them to the host on CUDA): call it where the batch is built, on the CPU.
     Raises ValueError naming the first problem.
     """
-    nnz = labels.numel()
-    first, last = int(offsets[0]), int(offsets[-1])
+    # Checked as NumPy views of host copies: a handful of PyTorch operations would each cost tens of
+    # microseconds per step on the CPU, right after the previous step's kernel has flushed the caches.
+    label_values = _host_values(labels)  # (nnz,)
+    offset_values = _host_values(offsets)  # (B + 1,)
+    nnz = label_values.size
+    first, last = int(offset_values[0]), int(offset_values[-1])
     if first != 0:
         raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
     if last != nnz:
         raise ValueError(f"offsets must end at the number of labels ({nnz}), got offsets[-1] = {last}")
-    decreasing = torch.nonzero(offsets[1:] < offsets[:-1])
-    if decreasing.numel():
+    decreasing = np.flatnonzero(offset_values[1:] < offset_values[:-1])
+    if decreasing.size:
         row = int(decreasing[0])
-        raise ValueError(f"offsets must be non-decreasing: offsets[{row + 1}] = {int(offsets[row + 1])} "
-                         f"< offsets[{row}] = {int(offsets[row])}")
-    outside = torch.nonzero((labels < 0) | (labels >= num_classes))
-    if outside.numel():
+        raise ValueError(f"offsets must be non-decreasing: offsets[{row + 1}] = {int(offset_values[row + 1])} "
+                         f"< offsets[{row}] = {int(offset_values[row])}")
+    outside = np.flatnonzero((label_values < 0) | (label_values >= num_classes))
+    if outside.size:
         j = int(outside[0])
-        raise ValueError(f"labels must lie in [0, {num_classes}): labels[{j}] = {int(labels[j])}")
+        raise ValueError(f"labels must lie in [0, {num_classes}): labels[{j}] = {int(label_values[j])}")
     if weights is not None:
-        bad = torch.nonzero(~(torch.isfinite(weights) & (weights >= 0)))
-        if bad.numel():
+        # float64 holds every weight dtype exactly (NumPy has no bfloat16).
+        weight_values = weights.detach().to(torch.float64).cpu().numpy()  # (nnz,)
+        bad = np.flatnonzero(~(np.isfinite(weight_values) & (weight_values >= 0)))
+        if bad.size:
             j = int(bad[0])
-            raise ValueError(f"weights must be finite and non-negative: weights[{j}] = {float(weights[j])}")
+            raise ValueError(f"weights must be finite and non-negative: weights[{j}] = {float(weight_values[j])}")
 
 
 def _should_check_values(validate: bool | None, device: torch.device) -> bool:
@@ -152,7 +164,7 @@ def _should_check_values(validate: bool | None, device: torch.device) -> bool:
 
 def labeled_rows(targets: SparseTargets, n_rows: int) -> torch.Tensor:
     """(B,) bool: the rows whose labels weigh more than 0 (those the mean averages over). No sync."""
-    counts = targets.offsets[1:] - targets.offsets[:-1]  # (B,)
+    counts = torch.diff(targets.offsets)  # (B,)
     if targets.weights is None:
         return counts > 0
     # Sums of non-negative weights: > 0 exactly when a weight is, in any order of addition.
@@ -167,7 +179,9 @@ def reduction_scale(targets: SparseTargets, n_rows: int, reduction: str, dtype: 
     device = targets.offsets.device
     if reduction != "mean":
         return torch.ones((), dtype=dtype, device=device)
-    return 1.0 / labeled_rows(targets, n_rows).sum().clamp_min(1).to(dtype)
+    # Three operations, each done in place where it can: on the CPU every small one costs tens of
+    # microseconds per step, right after the previous step's kernel has flushed the caches.
+    return labeled_rows(targets, n_rows).sum(dtype=dtype).clamp_min_(1).reciprocal_()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,9 +229,14 @@ def _cpp_forward(logits: torch.Tensor, targets: SparseTargets, grad_scale: torch
 
     acc = accumulation_dtype(logits.dtype)
     weights = None if targets.weights is None else targets.weights.to(acc).contiguous()
-    load_extension().hashtag_xent_forward(logits, targets.labels.long().contiguous(),
-                                          targets.offsets.long().contiguous(), weights, float(grad_scale),
-                                          row_loss, grad)
+    load_extension().hashtag_xent_forward(logits, _as_int64(targets.labels), _as_int64(targets.offsets), weights,
+                                          float(grad_scale), row_loss, grad)
+
+
+def _as_int64(indices: torch.Tensor) -> torch.Tensor:
+    # Checked here: even a .long() that has nothing to do costs a dispatch, tens of microseconds per step
+    # on the CPU right after the previous step's kernel (the targets are already contiguous).
+    return indices if indices.dtype == torch.int64 else indices.long()
 
 
 def _cpp_cannot_run(logits: torch.Tensor) -> str | None:
@@ -314,7 +333,10 @@ def _scaled_gradient(grad: torch.Tensor, grad_output: torch.Tensor, scales_in_pl
     gradient's version, so a second backward through the same forward raises autograd's own error.
     """
     if grad.device.type == "cpu":
-        return grad if bool((grad_output == 1).all()) else _multiply_rows(grad, grad_output)
+        # One read for the usual scalar 1 of loss.backward(): each small op costs tens of microseconds
+        # right after the kernel has flushed the caches.
+        is_one = grad_output.item() == 1 if grad_output.numel() == 1 else bool((grad_output == 1).all())
+        return grad if is_one else _multiply_rows(grad, grad_output)
     if not scales_in_place:
         return _multiply_rows(grad, grad_output)
     from fastpretrain.kernels.hashtag_xent import scale_rows_
