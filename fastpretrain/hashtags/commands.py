@@ -14,25 +14,23 @@ def register(subparsers) -> None:
 
     build = actions.add_parser(
         "build",
-        help="count canonical hashtags, keep the most frequent, label the inputs",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="count canonical hashtags, keep the most frequent, label the inputs"
     )
     build.add_argument("--data", nargs="+", required=True,
                        help="shards (folder, glob, {000..999} pattern) or metadata files (.jsonl, .tsv)")
-    build.add_argument("--out", default="vocab.json", help="the vocabulary file to write")
+    build.add_argument("--out", default="vocab.json", help="the vocabulary file to write (default: %(default)s)")
     build.add_argument("--labels", default=None, help="label index folder (default: <folder of --out>/labels)")
     build.add_argument("--size", type=int, default=None, help="classes to keep (default 17000)")
     build.add_argument("--min-count", type=int, default=None, help="fewest images a class needs (default 1)")
     build.add_argument("--targeted", choices=["imagenet1k"], default=None,
                        help="keep exactly ImageNet-1k's 1000 synsets, in ImageNet's class order")
-    build.add_argument("--sense", choices=SENSE_RULES, default="concrete-first", help="WordNet sense rule")
+    build.add_argument("--sense", choices=SENSE_RULES, default="concrete-first", help="WordNet sense rule (default: %(default)s)")
     _add_common(build)
     build.set_defaults(func=run_build)
 
     label = actions.add_parser(
         "label",
-        help="write label indexes for more inputs (e.g. a validation split) with an existing vocabulary",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="write label indexes for more inputs (e.g. a validation split) with an existing vocabulary"
     )
     label.add_argument("--data", nargs="+", required=True, help="shards or metadata files, as for build")
     label.add_argument("--vocab", required=True, help="vocab.json from `fastpretrain vocab build`")
@@ -42,9 +40,9 @@ def register(subparsers) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=1, help="processes, each reading whole input files")
+    parser.add_argument("--workers", type=int, default=1, help="processes, each reading whole input files (default: %(default)s)")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,
-                        help="fail (exit 1) when a larger share of posts is malformed")
+                        help="fail (exit 1) when a larger share of posts is malformed (default: %(default)s)")
 
 
 def run_build(args: argparse.Namespace) -> int:
