@@ -9,7 +9,7 @@ from fastpretrain.errors import UserError
 from fastpretrain.train.config import PAPER_PRESET, TrainConfig
 
 TRAIN_FLAGS = {
-    "--data", "--vocab", "--labels", "--val-data", "--val-labels", "--data-backend", "--resample", "-j", "--workers",
+    "--data", "--vocab", "--labels", "--val-data", "--val-labels", "--data-backend", "--resample", "--resample-t", "-j", "--workers",
     "--demo-images", "--model", "--arch", "--img-size", "--loss-backend", "-b", "--batch-size", "--epochs",
     "--steps", "--lr", "--momentum", "--weight-decay", "--wd", "--warmup-epochs", "--amp", "--output", "--device",
     "--seed", "--log-interval", "--checkpoint-interval", "--resume", "-h", "--help",

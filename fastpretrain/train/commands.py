@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     data.add_argument("--data-backend", choices=["auto", "dali", "torch"], help=_default("data_backend"))
     data.add_argument("--resample", choices=["natural", "sqrt", "uniform"],
                       help="rebalancing of the long tail, as in the paper " + _default("resample"))
+    data.add_argument("--resample-t", type=float, help="the threshold t of r(h) = max(1, phi(t / f(h))) "
+                                                       "(default: the share of images of the most frequent class)")
     data.add_argument("-j", "--workers", type=int, help="data loading workers " + _preset_help("workers"))
     data.add_argument("--demo-images", type=int, help="size of the demo corpus " + _default("demo_images"))
 

@@ -44,6 +44,7 @@ class TrainConfig:
     data_backend: str = "auto"
     loss_backend: str = "auto"
     resample: str = "sqrt"
+    resample_t: float | None = None  # the paper's threshold t; None: the most frequent class's share
     log_interval: int = 25
     checkpoint_interval: int = 0  # steps between checkpoints; 0: only at the end
     resume: str | None = None
@@ -57,7 +58,7 @@ class TrainConfig:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.steps <= 0:
             raise UserError(f"--steps must be positive, got {self.steps}")
-        for name in ("workers", "lr", "momentum", "weight_decay", "warmup_epochs", "checkpoint_interval"):
+        for name in ("workers", "lr", "momentum", "weight_decay", "warmup_epochs", "checkpoint_interval", "resample_t"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {value}")

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig) -> dict:
     model = to_channels_last(create_model(cfg.arch, len(vocab)), device)
     data_cfg = DataConfig(shards=datasets.train, labels_dir=datasets.labels, backend=cfg.data_backend,
                           batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers,
-                          seed=cfg.seed, resample=cfg.resample)
+                          seed=cfg.seed, resample=cfg.resample, resample_t=cfg.resample_t)
     loader = build_train_loader(data_cfg, vocab, device, precision.dtype)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * loader.batches_per_epoch))
     warmup_steps = min(round(cfg.warmup_epochs * loader.batches_per_epoch), total_steps // 2)
