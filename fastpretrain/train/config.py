@@ -31,7 +31,7 @@ class TrainConfig:
     arch: str = "resnext_tiny"
     image_size: int = 64
     batch_size: int = 32  # per process
-    epochs: float = 2.5
+    epochs: float = 2.0  # ~22k images: precision@1 has plateaued; < 4 min even in float32 on AVX2-only cores
     steps: int | None = None  # overrides epochs when given
     lr: float | None = 0.2  # None: 0.1 x global batch / 256, the linear scaling rule
     momentum: float = 0.9
