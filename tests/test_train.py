@@ -40,7 +40,6 @@ def test_demo_training_learns(demo_cache, tmp_path):
     final = records[-1]
     assert final["event"] == "eval" and final["images"] > 900
     assert final["precision@1"] >= 2 * final["majority_precision@1"], final
-    assert final["precision@5"] <= final["precision@1"] + 1e-9 or final["precision@5"] > 0
     first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
     assert last < 0.8 * first, (first, last)
     assert (run / "checkpoint.pt").is_file() and (run / "config.json").is_file() and (run / "env.json").is_file()
