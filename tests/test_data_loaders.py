@@ -455,6 +455,16 @@ def test_label_index_of_another_vocabulary_is_refused(tmp_path, rng):
         build_train_loader(corpus.config(), other, CPU, torch.float32, rank=0, world_size=1)
 
 
+def test_label_outside_the_vocabulary_is_refused_naming_the_shard(tmp_path, rng):
+    corpus = make_corpus(tmp_path, rng, shards=2)
+    bad_shard = corpus.shards / "00001.tar"
+    index = LabelIndex.load(label_index_path(corpus.labels, bad_shard))
+    index.labels[-1] = len(WNIDS)  # one past the last class
+    index.save(label_index_path(corpus.labels, bad_shard))
+    with pytest.raises(DataError, match=f"00001.tar names class {len(WNIDS)}.* {len(WNIDS)} classes"):
+        build_train_loader(corpus.config(), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+
+
 def test_missing_label_indexes_count_as_bad_samples(tmp_path, rng):
     corpus = make_corpus(tmp_path, rng, shards=2)
     label_index_path(corpus.labels, corpus.shards / "00001.tar").unlink()

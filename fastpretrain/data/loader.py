@@ -253,6 +253,11 @@ def _fingerprint(table: SampleTable) -> str:
 
 def _open(cfg: DataConfig, vocab: Vocab, paths: list[Path]) -> tuple[SampleTable, SkipLog]:
     table, static_skips = load_table(paths, cfg.labels_dir, vocab.content_hash)
+    # Checked once here, where the batches come from: the CUDA loss reads labels without a per-step check.
+    if table.labels.size and int(table.labels.max()) >= len(vocab):
+        shard = table.paths[int(table.shard_of[np.searchsorted(table.label_offsets, table.labels.argmax(), "right") - 1])]
+        raise DataError(f"label index of {shard.name} names class {int(table.labels.max())}, "
+                        f"but the vocabulary has {len(vocab)} classes: rebuild it with `fastpretrain vocab label`")
     lost = sum(s.count for s in static_skips if s.reason in ("unreadable_shard", "missing_in_shard"))
     skips = SkipLog(paths, len(table) + lost, cfg.max_bad_fraction)
     for skip in static_skips:
