@@ -8,10 +8,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from fastpretrain.loss import label_rows
+
 
 def multi_hot(labels: torch.Tensor, offsets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, C) bool: row i is True at the classes ``labels[offsets[i]:offsets[i+1]]`` (CSR)."""
-    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=labels.device), offsets.diff())
+    rows = label_rows(offsets, labels.numel())  # (nnz,)
     target = torch.zeros(offsets.numel() - 1, num_classes, dtype=torch.bool, device=labels.device)
     target[rows, labels.long()] = True
     return target

@@ -162,14 +162,19 @@ def _should_check_values(validate: bool | None, device: torch.device) -> bool:
 # The reduction
 
 
+def label_rows(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """(nnz,) int64: the row of each label of a CSR batch (``output_size`` keeps it free of a device sync)."""
+    counts = offsets[1:] - offsets[:-1]  # (B,)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts, output_size=nnz)
+
+
 def labeled_rows(targets: SparseTargets, n_rows: int) -> torch.Tensor:
     """(B,) bool: the rows whose labels weigh more than 0 (those the mean averages over). No sync."""
     counts = torch.diff(targets.offsets)  # (B,)
     if targets.weights is None:
         return counts > 0
     # Sums of non-negative weights: > 0 exactly when a weight is, in any order of addition.
-    row_of_label = torch.repeat_interleave(torch.arange(n_rows, device=counts.device), counts,
-                                           output_size=targets.labels.numel())  # (nnz,)
+    row_of_label = label_rows(targets.offsets, targets.labels.numel())  # (nnz,)
     row_weight = torch.zeros(n_rows, dtype=targets.weights.dtype, device=counts.device)
     return row_weight.index_add_(0, row_of_label, targets.weights) > 0
 
@@ -196,8 +201,7 @@ def _torch_forward(logits: torch.Tensor, targets: SparseTargets, grad_scale: tor
     tiny = torch.finfo(acc).tiny
     z = logits.to(acc)  # (B, C)
     labels = targets.labels.long()  # (nnz,)
-    counts = targets.offsets[1:] - targets.offsets[:-1]  # (B,)
-    rows = torch.repeat_interleave(torch.arange(n_rows, device=z.device), counts, output_size=labels.numel())  # (nnz,)
+    rows = label_rows(targets.offsets, labels.numel())  # (nnz,)
     w = torch.ones(labels.shape, dtype=acc, device=z.device) if targets.weights is None else targets.weights.to(acc)
     row_weight = torch.zeros(n_rows, dtype=acc, device=z.device).index_add_(0, rows, w)  # (B,)
     labeled = row_weight > 0  # (B,)
