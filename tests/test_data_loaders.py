@@ -175,9 +175,14 @@ def test_train_batches_are_full_labelled_and_cover_each_epoch(tmp_path, rng, bac
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_batches(tmp_path, rng, backend):
     corpus = make_corpus(tmp_path, rng, shards=1)
-    loader = build_train_loader(corpus.config(backend=backend), corpus.vocab, CPU, torch.bfloat16, rank=0, world_size=1)
-    check_batch(next(loader), corpus, 16, 5, dtype=torch.bfloat16)
-    loader.close()
+    loaders = {dtype: build_train_loader(corpus.config(backend=backend), corpus.vocab, CPU, dtype, rank=0, world_size=1)
+               for dtype in (torch.bfloat16, torch.float32)}
+    half = next(loaders[torch.bfloat16])
+    check_batch(half, corpus, 16, 5, dtype=torch.bfloat16)
+    # Normalized in float32 and rounded once: the float32 batch of the same run, rounded.
+    assert torch.equal(half.images, next(loaders[torch.float32]).images.to(torch.bfloat16))
+    for loader in loaders.values():
+        loader.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -103,6 +103,17 @@ class Normalizer:
         torch.addcmul(self.bias_row, rows, self.scale_row, out=rows)
         return rows.view(k, size, size, 3).to(self.dtype)
 
+    def one_into(self, out: torch.Tensor, pixels: torch.Tensor) -> None:
+        """One image's (S, S, 3) uint8 ``pixels`` normalized into ``out`` (S, S, 3) of ``dtype``, all on the device."""
+        size = pixels.shape[0]
+        rows = pixels.view(size, size * 3)  # (S, S * 3)
+        if out.dtype == torch.float32:  # in place in ``out``: no float temporary to allocate
+            target = out.view(size, size * 3)
+            target.copy_(rows)
+            torch.addcmul(self.bias_row, target, self.scale_row, out=target)
+        else:  # float32 arithmetic, one rounding to ``dtype``
+            out.view(size, size * 3).copy_(torch.addcmul(self.bias_row, rows.float(), self.scale_row))
+
 
 def decode_rgb(data: bytes) -> torch.Tensor:
     """(3, H, W) uint8 RGB on the CPU, EXIF orientation applied; RuntimeError if the data does not decode."""
