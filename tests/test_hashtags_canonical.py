@@ -164,8 +164,10 @@ def test_plurals_follow_nltk_morphy(rng, lemmas_by_key, concrete_first):
         if form in lemmas_by_key:  # a lemma of its own: rule 2, not 3
             continue
         base = wn.morphy(form, "n")
-        assert base is not None, form
-        expected = reference_choice(reference_candidates(lemmas_by_key[base]), "concrete-first")
+        if base is None:
+            continue  # noun.exc sends anabases, arses, fortes to a base that is no noun: morphy gives up there
+        # Exception bases may be multiword (comics -> comic_strip): look them up by their key.
+        expected = reference_choice(reference_candidates(lemmas_by_key[hashtag_key(base)]), "concrete-first")
         assert concrete_first.canonical(form) == expected, (form, base)
         checked += 1
     assert checked > 300

@@ -1,6 +1,7 @@
 """The vertical slice end to end: demo corpus -> vocab -> labels -> training -> precision@k, through the CLI."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -40,10 +41,14 @@ def test_demo_training_learns(demo_cache, tmp_path):
     final = records[-1]
     assert final["event"] == "eval" and final["images"] > 900
     assert final["precision@1"] >= 2 * final["majority_precision@1"], final
-    first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
-    # From about log(classes) = 3.2 at the start; the noisy tags keep the floor near 2 (0.6 below the start seen here)
-    assert last < first - 0.3, (first, last)
     assert (run / "checkpoint.pt").is_file() and (run / "config.json").is_file() and (run / "env.json").is_file()
+    first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
+    # From the loss of a uniform guess, log(classes) = 3.2, where training starts; the noisy tags keep the floor
+    # near 2. Not from the first logged loss: it carries the noise of the initialization (3.10 to 3.30 over 18
+    # seeds; first - last was 0.66 +- 0.11, so last < first - 0.3 fails about 1e-3 of runs). The last loss was
+    # 2.51 +- 0.066 (at most 2.63): log(classes) - 0.3 is 6 sd above it.
+    classes = len(torch.load(run / "checkpoint.pt", weights_only=False)["classes"])
+    assert last < math.log(classes) - 0.3, (first, last, classes)
 
 
 def test_stopped_run_resumes_exactly(demo_cache, tmp_path, monkeypatch):
