@@ -35,6 +35,15 @@ shared memory and three processes on two cores take the rest; making the crops i
 nothing measurable), and DALI needed its torch resizes spread over
 threads, since from the training thread alone they limited the rate (1200 -> 1400 img/s on an idle machine).
 
+Then the normalization moved from the training thread (a cold pass over the uint8 batch into a fresh float
+one: 0.15-0.5 ms per image of that thread's CPU under load, 0.05 ms cache-hot in isolation) to the resize
+threads, each normalizing its crop while it is in cache. Predicted: ~0.1 ms per image less CPU, off the serial
+thread. Measured on an idle machine, alternating the two versions
+(bench/results/cpu-2core-2026-11-29-data-rerun.json): 1.30-1.41 -> 1.25-1.30 ms per image, 2.10-2.15x ->
+2.18-2.21x the baseline in wall time. Nearly all that is left is DALI's region decode (~0.75 ms) and the
+resize (~0.2 ms): at ~90% use of both cores, 2.5x needs under 1.2 ms per image, that is, a decode cheaper than
+libjpeg-turbo's.
+
 Fairness: every candidate runs on the same 2 cores (2 worker processes; 2 DALI decoding threads and 2 torch
 resizing threads; 2 decode threads; intra-op threads 1), warmed up first, timed in turn round after round and compared by medians of one run.
 Before each timed call the others are given time to refill their prefetch queues (``SETTLE_S``), so the
