@@ -317,9 +317,10 @@ def odd_samples(s: int, i: int, key: str, rgb):
         6: ({"jpg": jpeg[: len(jpeg) // 2], "json": b"{}"}, [1], None),  # truncated
         7: ({"jpg": b"<html>403 Forbidden</html>", "json": b"{}"}, [1], None),  # not an image
         8: ({"jpg": encode(textured(np.random.default_rng(i), rgb, 60, 60)), "json": b"{}"}, [2], None),  # too large
-        9: ({"jpg": jpeg}, [2], None),  # no .json
+        9: ({"jpg": jpeg}, [2], None),  # no metadata
         10: ({"jpg": jpeg, "json": b"{}"}, None, None),  # not in the label index
         11: ({"jpg": bogus_sampling(jpeg), "json": b"{}"}, [3], None),  # a sound header, an undecodable body
+        12: ({"jpg": jpeg, "txt": b"a caption #tag"}, [4], rgb),  # a .txt caption instead of a .json: usable
     }
     return cases.get(i)
 
@@ -353,12 +354,12 @@ def test_bad_data_is_skipped_counted_and_never_shortens_a_batch(tmp_path, rng, b
         assert batch.images.shape[0] == 4
         seen += check_batch(batch, corpus, 16, 4)
     assert sorted(seen[: len(good)]) == sorted(good)
-    expected = {"truncated": 1, "not_image": 1, "too_large": 1, "missing_json": 1, "missing_labels": 1,
+    expected = {"truncated": 1, "not_image": 1, "too_large": 1, "missing_metadata": 1, "missing_labels": 1,
                 "decode_error": 1, "unreadable_shard": 14, "unlabeled": unlabeled}
     assert loader.skipped == {reason: n for reason, n in expected.items() if n}
     # One warning per reason and shard, naming the shard.
     warned = [r.getMessage() for r in caplog.records]
-    for reason in ("truncated", "not_image", "too_large", "missing_json", "missing_labels", "decode_error"):
+    for reason in ("truncated", "not_image", "too_large", "missing_metadata", "missing_labels", "decode_error"):
         assert sum(reason in m and "00000.tar" in m for m in warned) == 1, reason
     assert sum("unreadable_shard" in m and "00001.tar" in m for m in warned) == 1
     loader.close()

@@ -84,7 +84,8 @@ class SampleTable:
 
     ``starts`` (S+1,): shard ``s`` holds samples ``starts[s]:starts[s+1]``; ``shard_of``, ``keys``,
     ``image_offset``, ``image_size``, ``usable`` are (N,); the labels are CSR ``label_offsets`` (N+1,),
-    ``labels`` (nnz,) int32. A sample is usable when it has an image, a ``.json`` and at least one label.
+    ``labels`` (nnz,) int32. A sample is usable when it has an image, its metadata (a ``.json`` or a ``.txt``
+    caption, as img2dataset writes them) and at least one label.
     """
 
     paths: list[Path]
@@ -180,19 +181,19 @@ def _load_shard(shard: int, path: Path, labels_dir: str | os.PathLike, vocab_has
 
     image_offset = np.full(n, -1, dtype=np.int64)
     image_size = np.zeros(n, dtype=np.int64)
-    has_json = np.zeros(n, dtype=bool)
+    has_metadata = np.zeros(n, dtype=bool)
     for i, members in enumerate(index.members):
         ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         if ext is not None:
             image_offset[i], image_size[i] = members[ext]
-        has_json[i] = "json" in members
+        has_metadata[i] = "json" in members or "txt" in members
     labels, label_offsets = gather_rows(label_index.offsets, label_index.labels, rows)
     has_labels = np.diff(label_offsets) > 0
     # Each excluded sample is counted once, under the first of these reasons that applies.
     excluded = np.zeros(n, dtype=bool)
     for reason, applies, detail in (
         ("missing_image", image_offset < 0, "no image member"),
-        ("missing_json", ~has_json, "no .json member"),
+        ("missing_metadata", ~has_metadata, "no .json or .txt member"),
         ("missing_labels", rows < 0, missing_labels_detail),
         ("unlabeled", ~has_labels, "no kept hashtag"),
     ):
