@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fastpretrain: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the user gave that cannot be made, read or written: the message names it
+        print(f"fastpretrain: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastpretrain: interrupted", file=sys.stderr)
         return 130

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from fastpretrain.cli import main
+from fastpretrain.errors import UserError
+from fastpretrain.hashtags.vocab import Vocab
+from fastpretrain.train.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,16 @@ def test_demo_training_learns(demo_cache, tmp_path):
     # near 2. Not from the first logged loss: it carries the noise of the initialization (3.10 to 3.30 over 18
     # seeds; first - last was 0.66 +- 0.11, so last < first - 0.3 fails about 1e-3 of runs). The last loss was
     # 2.51 +- 0.066 (at most 2.63): log(classes) - 0.3 is 6 sd above it.
-    classes = len(torch.load(run / "checkpoint.pt", weights_only=False)["classes"])
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    classes = len(checkpoint["classes"])
     assert last < math.log(classes) - 0.3, (first, last, classes)
+    # The checkpoint names the vocabulary its head was trained on, and a resume against another is refused.
+    (vocab_file,) = demo_cache.glob("demo/*/vocab.json")
+    vocab = Vocab.load(vocab_file)
+    assert checkpoint["vocab_hash"] == vocab.content_hash and checkpoint["classes"] == [c.wnid for c in vocab.classes]
+    other = Vocab.hash_of([c.wnid for c in vocab.classes][::-1], vocab.sense, vocab.wordnet_version)
+    with pytest.raises(UserError, match="another vocabulary"):
+        load_checkpoint(run / "checkpoint.pt", other)
 
 
 def test_stopped_run_resumes_exactly(demo_cache, tmp_path, monkeypatch):
@@ -93,6 +104,9 @@ def run_cli(*args):
     (["train", "--batch-size", "-4"], "--batch-size must be positive"),
     (["train", "--epochs", "zero"], "invalid float value"),
     (["synth", "--out", "/tmp/x", "--images", "-1"], "--images must be at least 1"),
+    (["train", "--seed", "-1"], "--seed must not be negative"),
+    (["train", "--resample-t", "0"], "--resample-t must be positive"),
+    (["synth", "--out", "/tmp/x", "--seed", "-3"], "--seed must not be negative"),
 ])
 def test_bad_cli_input_is_one_line_and_exit_2(args, message):
     result = run_cli(*args)
@@ -100,6 +114,17 @@ def test_bad_cli_input_is_one_line_and_exit_2(args, message):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_paths_that_cannot_be_used_are_one_line_and_exit_2(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for args in (["train", "--output", str(a_file)], ["synth", "--out", str(a_file / "shards"), "--images", "1"],
+                 ["train", "--data", str(tmp_path), "--vocab", str(a_file), "--output", str(tmp_path / "run")]):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "a-file" in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "run").exists()  # inputs are checked before the run folder is written
 
 
 def test_torchrun_world_is_refused_until_ddp_exists(monkeypatch):

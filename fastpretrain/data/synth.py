@@ -191,6 +191,8 @@ def write_demo_corpus(
     """Write ``images`` posts as shards ``00000.tar, 00001.tar, ...`` into ``out_dir``; return their paths."""
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")
+    if seed < 0:  # numpy's generators take no negative seeds
+        raise UserError(f"--seed must not be negative, got {seed}")
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if image_size < 16:

@@ -58,10 +58,12 @@ class TrainConfig:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.steps <= 0:
             raise UserError(f"--steps must be positive, got {self.steps}")
-        for name in ("workers", "lr", "momentum", "weight_decay", "warmup_epochs", "checkpoint_interval", "resample_t"):
+        for name in ("workers", "lr", "momentum", "weight_decay", "warmup_epochs", "checkpoint_interval", "seed"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {value}")
+        if self.resample_t is not None and self.resample_t <= 0:
+            raise UserError(f"--resample-t must be positive, got {self.resample_t}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         from fastpretrain.models import list_models
@@ -70,6 +72,8 @@ class TrainConfig:
             raise UserError(f"unknown arch {self.arch!r}; choose one of: {', '.join(list_models())}")
         if self.data is not None and self.vocab is None:
             raise UserError("--data needs --vocab (build one with `fastpretrain vocab build`)")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise UserError(f"--output {self.output} is a file, not a folder")
         if self.resume is not None and not Path(self.resume).is_file():
             raise UserError(f"--resume: no checkpoint at {self.resume}")
 

@@ -100,11 +100,10 @@ def train(cfg: TrainConfig) -> dict:
     precision = choose_precision(device, cfg.amp)
     if precision.notice:
         print(precision.notice, flush=True)
+    datasets = Datasets.resolve(cfg)  # inputs are checked before the run folder is written
+    vocab = Vocab.load(datasets.vocab)
     output = Path(cfg.output)
     write_run_info(output, cfg, device, precision)
-
-    datasets = Datasets.resolve(cfg)
-    vocab = Vocab.load(datasets.vocab)
     model = to_channels_last(create_model(cfg.arch, len(vocab)), device)
     data_cfg = DataConfig(shards=datasets.train, labels_dir=datasets.labels, backend=cfg.data_backend,
                           batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers,
@@ -133,7 +132,8 @@ def train(cfg: TrainConfig) -> dict:
 
     log = MetricsLog(output, total_steps, initial_step=step)
     print(f"training {cfg.arch} ({count_parameters(model) / 1e6:.2f}M parameters) on "
-          f"{len(vocab)} hashtag classes, {total_steps} steps of {cfg.batch_size} images, {device}, "
+          f"{len(vocab)} hashtag classes, {total_steps} steps of {cfg.batch_size} images "
+          f"({loader.samples_per_epoch:.0f} images per epoch after {cfg.resample} resampling), {device}, "
           f"{precision.dtype}", flush=True)
     batches, meter = iter(loader), Throughput()
     loss_sum, losses = torch.zeros((), device=device), 0
