@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import stat
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -288,6 +289,13 @@ def test_table_cache_round_trips_and_ignores_a_corrupt_file(tmp_path):
     path.write_text('{"offsets": [1, 2')
     assert wordnet._read_table(path) is None
     assert wordnet._read_table(tmp_path / "absent.json") is None
+
+
+def test_table_cache_has_the_mode_a_plain_open_gives(tmp_path):
+    wordnet._write_table(tmp_path / "t.json", wordnet.noun_table())
+    (tmp_path / "plain").write_text("")
+    mode = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "t.json").stat().st_mode) == mode
 
 
 def test_table_matches_wordnet(rng):

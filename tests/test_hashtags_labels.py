@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 import zipfile
 from pathlib import Path
@@ -109,3 +111,20 @@ def test_load_corrupt_files_raise_data_error_naming_the_file(tmp_path):
     with pytest.raises(DataError, match="pickled.labels.npz"):
         LabelIndex.load(pickled)
     assert zipfile.is_zipfile(pickled)  # it was a well-formed npz: the refusal is about its content
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_index_has_the_mode_a_plain_open_gives(tmp_path, umask):
+    from fastpretrain.hashtags import labels
+
+    labels.shared_file_mode.cache_clear()  # the mode is read once per process: read it under this umask
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain").write_bytes(b"")
+        LabelIndex.from_rows(["a"], [[1]], "h").save(tmp_path / "x.labels.npz")
+    finally:
+        os.umask(previous)
+        labels.shared_file_mode.cache_clear()
+    plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert plain == 0o666 & ~umask  # the premise
+    assert stat.S_IMODE((tmp_path / "x.labels.npz").stat().st_mode) == plain

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,9 @@ SHARD_SAMPLES = [
     ("s10", {"json": b'{"tags": "car"}'}, None),  # bad_field_type
     ("s11", {"json": b"[1, 2]"}, None),  # bad_field_type
     ("s12", {"jpg": b"\xff\xd8", "json": json.dumps({"tags": ["kitty"], "caption": None}).encode()}, ["kitty"]),
+    ("s13", {"json": b"[" * 100_000}, None),  # malformed_json: nested past the decoder's recursion limit
 ]
-SHARD_REASONS = {"malformed_json": 1, "invalid_utf8": 1, "missing_fields": 1, "empty_tags": 1, "nul_byte": 1,
+SHARD_REASONS = {"malformed_json": 2, "invalid_utf8": 1, "missing_fields": 1, "empty_tags": 1, "nul_byte": 1,
                  "missing_metadata": 1, "bad_field_type": 2}
 
 
@@ -92,8 +95,10 @@ JSONL_LINES = [
     (json.dumps({"key": "g", "tags": [1, 2]}).encode(), ("g", [])),  # bad_field_type
     (json.dumps({"key": "h", "tags": ["dog"], "caption": 5}).encode(), ("h", [])),  # bad_field_type
     (json.dumps({"key": "i", "caption": "sunset #beach #Sea"}).encode(), ("i", ["beach", "Sea"])),
+    (b"[" * 100_000, None),  # malformed_json: nested past the decoder's recursion limit
+    (b'{"key": "j", "tags": ' + b"[" * 100_000, None),  # malformed_json, as deep inside an object
 ]
-JSONL_REASONS = {"malformed_json": 1, "invalid_utf8": 1, "missing_fields": 2, "empty_tags": 1, "bad_field_type": 2}
+JSONL_REASONS = {"malformed_json": 3, "invalid_utf8": 1, "missing_fields": 2, "empty_tags": 1, "bad_field_type": 2}
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -151,3 +156,18 @@ def test_formats_by_name_and_unknown_files_refused(tmp_path):
     assert list_inputs(str(tmp_path / "*.jsonl")) == [tmp_path / "a.jsonl"]
     with pytest.raises(UserError, match="b.csv"):
         list_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.csv")])
+
+
+def test_keys_over_the_limit_are_skipped_as_malformed_and_counted(tmp_path):
+    rng = random.Random(seed := time.time_ns())
+    print(f"seed {seed}")
+    limit = sources.MAX_KEY_CHARS
+    lengths = [rng.choice([1, limit - 1, limit, limit + 1, 10_000, rng.randint(1, 2 * limit)]) for _ in range(40)]
+    keys = [f"{i:03d}".ljust(n, "k") if n >= 3 else "k" * n for i, n in enumerate(lengths)]
+    path = tmp_path / "meta.jsonl"
+    path.write_text("".join(json.dumps({"key": key, "tags": ["dog"]}) + "\n" for key in keys))
+    posts, stats = read(path)
+    assert [key for key, _ in posts] == [key for key in keys if len(key) <= 256]  # the limit, by hand
+    long_keys = sum(len(key) > 256 for key in keys)
+    assert stats.posts == len(keys) and stats.malformed == long_keys
+    assert dict(stats.skipped_posts) == ({"key_too_long": long_keys} if long_keys else {})

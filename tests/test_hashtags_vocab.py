@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import tarfile
 import time
@@ -285,3 +286,57 @@ def test_cli_exits_1_naming_the_worst_file_when_too_much_is_malformed(tmp_path, 
     assert "1 of 42 posts malformed" in err and "dirty.tar (1 of 2)" in err
     assert main(["vocab", "build", "--data", str(clean), str(dirty), "--out", str(tmp_path / "vocab.json"),
                  "--max-bad-fraction", "0.05"]) == 0
+
+
+def test_every_exported_name_resolves():
+    import fastpretrain.hashtags as hashtags
+
+    for name in hashtags.__all__:
+        value = getattr(hashtags, name)  # AttributeError when the name maps to the wrong module
+        assert getattr(value, "__name__", name) == name  # a class or function is the one of that name
+
+
+# Hashtags by why they name no synset, classified by hand (the premise of each is checked against WordNet below).
+DROPPED_BY_HAND = {
+    "no_letters_or_digits": ["😀", "🎉🎉", "#", "--", "❤️"],
+    "digits_only": ["2024", "#1000", "42"],
+    "not_a_noun": ["instagood", "happily", "tbt"],
+}
+NOUNS = ["dog", "Dogs", "car", "#IceCream"]
+
+
+def test_dropped_hashtags_are_counted_by_reason(tmp_path, rng, capsys):
+    assert all(not wn.synsets(tag, "n") for tag in DROPPED_BY_HAND["not_a_noun"])
+    reason_of = {tag: reason for reason, tags in DROPPED_BY_HAND.items() for tag in tags}
+    pool = [*reason_of, *NOUNS]
+    rows = [{"key": f"k{i}", "tags": rng.choices(pool, k=rng.randint(1, 6))} for i in range(60)]
+    rows.append({"key": "long", "tags": ["x" * 200, "dog", "dog"]})  # one too long (dropped while reading)
+    out = tmp_path / "vocab.json"
+    summary = build_vocab(VocabBuildConfig(data=[str(write_jsonl(tmp_path / "m.jsonl", rows))], out=str(out)))
+    expected = Counter(reason_of[tag] for row in rows for tag in row["tags"] if tag in reason_of)
+    expected["tag_too_long"] = 1
+    assert dict(summary.labels.stats.skipped_tags) == dict(expected)
+    assert Vocab.load(out).stats["skipped_tags"] == dict(sorted(expected.items()))
+    printed = "\n".join(summary.lines())
+    assert "hashtags dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(expected.items())) in printed
+    assert summary.labels.stats.raw_hashtags == sum(len(row["tags"]) for row in rows) - 1
+    # The dropped tags change no label: each row is its distinct nouns.
+    noun_synset = {"dog": DOG, "Dogs": DOG, "car": CAR, "#IceCream": ICE_CREAM}
+    vocab = Vocab.load(out)
+    index_of = {c.wnid: c.index for c in vocab.classes}
+    expected_rows = {row["key"]: sorted({index_of[noun_synset[t]] for t in row["tags"] if t in noun_synset})
+                     for row in rows}
+    assert rows_of(tmp_path / "labels", str(tmp_path / "m.jsonl")) == expected_rows
+
+
+@pytest.mark.parametrize("size", [None, 3])
+def test_sqrt_epoch_length_matches_the_hand_computation(tmp_path, corpus, size):
+    summary = build_vocab(VocabBuildConfig(data=corpus, out=str(tmp_path / "v.json"), size=size,
+                                           max_bad_fraction=0.2))
+    # r(image) = max over its classes of max(1, sqrt(t / f)), t = the head's share, f = count / kept images.
+    if size is None:  # 6 kept images; t / f(h) = 3 / count(h): dog 3, car 3, ice cream 2, golden 1, tree 1
+        # p0 car 1, p1 dog+car 1, q2 dog 1, p3 dog+ice cream+tree sqrt(3), q0 car+ice cream sqrt(3/2), q1 golden sqrt(3)
+        by_hand = 3 + 2 * math.sqrt(3) + math.sqrt(1.5)
+    else:  # dog, car, ice cream: 5 kept images (q1 loses its class); p3 and q0 get ice cream's sqrt(3/2)
+        by_hand = 3 + 2 * math.sqrt(1.5)
+    assert summary.sqrt_epoch_length == pytest.approx(by_hand, rel=1e-12)

@@ -10,6 +10,7 @@ import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,16 @@ import numpy as np
 from fastpretrain.errors import DataError
 
 LABEL_INDEX_SUFFIX = ".labels.npz"
+
+
+@cache
+def shared_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file (0o666 less the umask), for files made by ``mkstemp``, whose
+    0o600 would hide them from the other users of a shared cluster. The umask is read once: reading it means
+    setting it, briefly."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def label_index_path(labels_dir: str | os.PathLike, shard: str | os.PathLike) -> Path:
@@ -82,6 +93,7 @@ class LabelIndex:
                     labels=self.labels,
                     vocab_hash=np.asarray(self.vocab_hash, dtype=np.str_),
                 )
+            os.chmod(tmp, shared_file_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

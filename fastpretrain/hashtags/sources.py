@@ -40,6 +40,7 @@ MALFORMED_REASONS = frozenset(
         "missing_metadata",
         "bad_columns",
         "truncated_file",
+        "key_too_long",
     ]
 )
 # A well-formed post can still carry no hashtag at all: dropped, but not malformed.
@@ -53,6 +54,9 @@ _CAPTION_HASHTAG = re.compile(r"(?<![\w&])#(\w+)")
 # YFCC100M column layouts by column count: (key column, user tags column).
 _TSV_LAYOUTS = {23: (0, 8), 25: (1, 10), 2: (0, 1)}
 _METADATA_EXTS = frozenset(["json", "txt"])
+# Label indexes store keys as fixed-width strings (posts x longest key x 4 bytes): one huge key would bloat a
+# whole index, and no real sample key comes near this.
+MAX_KEY_CHARS = 256
 _parse_json = json.JSONDecoder().decode  # json.loads without its per-call argument handling
 
 
@@ -97,13 +101,17 @@ def input_format(path: Path) -> str:
 def iter_posts(path: str | Path, stats: InputStats) -> Iterator[tuple[str, list[str]]]:
     """Yield ``(key, hashtags)`` per post of one input file, in file order, counting into ``stats``.
 
-    Hashtags are raw (not normalized); tags over ``MAX_TAG_CHARS`` characters are dropped and counted.
+    Hashtags are raw (not normalized); tags over ``MAX_TAG_CHARS`` characters are dropped and counted; a post
+    whose key is over ``MAX_KEY_CHARS`` characters is malformed (``key_too_long``) and not yielded.
     """
     path = Path(path)
     reader = {"shard": _shard_posts, "jsonl": _jsonl_posts, "tsv": _tsv_posts}[input_format(path)]
     for key, tags in reader(path, stats):
         stats.posts += 1
         if key is None:  # nothing to name it by: it cannot have a row in the label index
+            continue
+        if len(key) > MAX_KEY_CHARS:
+            stats.skipped_posts["key_too_long"] += 1
             continue
         if tags is None:
             tags = []
@@ -153,7 +161,7 @@ def _decode_json(raw: bytes, stats: InputStats) -> dict | None:
         return None
     try:
         meta = _parse_json(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the decoder's stack allows
         stats.skipped_posts["malformed_json"] += 1
         return None
     if not isinstance(meta, dict):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpretrain.errors import UserError
+from fastpretrain.hashtags.labels import shared_file_mode
 
 WORDNET_ENV = "FASTPRETRAIN_WORDNET"
 CACHE_ENV = "FASTPRETRAIN_CACHE"
@@ -252,6 +253,7 @@ def _write_table(path: Path, table: NounTable) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump({name: getattr(table, name) for name in NounTable.__dataclass_fields__}, f)
+        os.chmod(tmp, shared_file_mode())
         os.replace(tmp, path)  # atomic: parallel first runs each put a whole file in place
     except OSError:
         Path(tmp).unlink(missing_ok=True)
