@@ -15,6 +15,7 @@ own lock, any such file is stale, so it is removed.
 from __future__ import annotations
 
 import fcntl
+import logging
 import re
 import sys
 import threading
@@ -86,10 +87,22 @@ def source_paths() -> list[str]:
     return [str(folder / name) for name in SOURCES]
 
 
+def _torch_cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its warning about a CUDA_HOME with no CUDA runtime: this
+    extension is built for the CPU, and that line would open every run on a machine without a GPU."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
+    return cpp_extension
+
+
 def build_directory() -> Path:
     """Where torch builds and caches this extension (honours ``TORCH_EXTENSIONS_DIR``)."""
-    from torch.utils import cpp_extension
-
+    cpp_extension = _torch_cpp_extension()
     # A private helper, but the only one that knows torch's default folder layout; stable since torch 1.x.
     return Path(cpp_extension._get_build_directory(extension_name(), verbose=False))
 
@@ -120,8 +133,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
         if _failure is not None:
             raise ExtensionUnavailable(_failure)
         try:
-            from torch.utils import cpp_extension
-
+            cpp_extension = _torch_cpp_extension()
             folder = build_directory()
             with _build_lock(folder):
                 _module = cpp_extension.load(
