@@ -398,43 +398,101 @@ def test_eval_loader_shows_every_labeled_sample_once_in_shard_order(tmp_path, rn
     assert loader.skipped == skips_without_bad_data(corpus)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backends_cut_the_same_pixels_as_pil_on_the_same_box(tmp_path, rng, backend):
-    """PIL as the reference: the same box, an antialiased bilinear resize, the same flip, the same normalization.
-    Both backends matching it is also what makes them statistically the same as each other."""
+STD_LEVELS, MEAN_LEVELS = np.array(IMAGENET_STD) * 255, np.array(IMAGENET_MEAN) * 255
 
-    def photo(s, i, key, rgb):  # a busier picture than the flat colours, some turned by EXIF
+
+def photo_corpus(tmp_path: Path, rng: np.random.Generator, count: int) -> Corpus:
+    """``count`` busier pictures than the flat colours, some turned by EXIF, in one shard."""
+
+    def photo(s, i, key, rgb):
         image = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
             (int(rng.integers(40, 120)), int(rng.integers(40, 120))), Image.BICUBIC))
         exif = Image.Exif()
         exif[0x0112] = int(rng.choice([1, 1, 3, 6, 8]))
         return {"jpg": encode(image, exif=exif), "json": b"{}"}, [1], rgb
 
-    corpus = make_corpus(tmp_path, rng, shards=1, per_shard=12, odd=photo)
-    size, count = 24, 12
-    cfg = corpus.config(backend=backend, batch_size=count, image_size=size, shuffle_buffer=0)
-    loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
-    got = next(loader).images.permute(0, 2, 3, 1)  # (B, S, S, 3)
-    samples = loader.stream.plan(0)[:count]  # no bad sample: batch 0 is positions 0 .. B-1 of epoch 0
-    loader.close()
+    return make_corpus(tmp_path, rng, shards=1, per_shard=count, odd=photo)
 
-    pil = []
+
+def pil_reference(jpegs: list[bytes], seed: int, size: int) -> tuple[torch.Tensor, list]:
+    """(B, S, S, 3) float32 normalized crops by PIL of the boxes epoch 0 draws at positions 0 .. B-1, and those
+    boxes: the same box, an antialiased bilinear resize, the same flip, the same normalization."""
+    crops, boxes = [], []
+    for position, data in enumerate(jpegs):
+        picture = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        box = random_resized_boxes(np.array([picture.width]), np.array([picture.height]),
+                                   sample_uniforms(seed, 0, np.array([position])))
+        left, top, w, h = int(box.left[0]), int(box.top[0]), int(box.width[0]), int(box.height[0])
+        crop = np.asarray(picture.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)),
+                          dtype=np.float64)  # (S, S, 3); PIL's bilinear widens its filter when shrinking
+        crops.append(crop[:, ::-1] if box.flip[0] else crop)
+        boxes.append((left, top, w, h, bool(box.flip[0])))
+    return torch.from_numpy((np.stack(crops) - MEAN_LEVELS) / STD_LEVELS).float(), boxes
+
+
+def mean_level_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean absolute difference of two normalized (B, S, S, 3) batches, in 0-255 levels."""
+    return float(((got - reference) * torch.from_numpy(STD_LEVELS).float()).abs().mean())
+
+
+def shard_jpegs(corpus: Corpus, samples) -> list[bytes]:
     with tarfile.open(corpus.shards / "00000.tar") as tar:
-        for position, sample in enumerate(samples):
-            data = tar.extractfile(f"{corpus.order[int(sample)]}.jpg").read()
-            picture = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-            box = random_resized_boxes(np.array([picture.width]), np.array([picture.height]),
-                                       sample_uniforms(cfg.seed, 0, np.array([position])))
-            left, top, w, h = int(box.left[0]), int(box.top[0]), int(box.width[0]), int(box.height[0])
-            crop = np.asarray(picture.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)),
-                              dtype=np.float64)  # (S, S, 3); PIL's bilinear widens its filter when shrinking
-            pil.append(crop[:, ::-1] if box.flip[0] else crop)
-    std, mean = np.array(IMAGENET_STD) * 255, np.array(IMAGENET_MEAN) * 255
-    reference = torch.from_numpy((np.stack(pil) - mean) / std).float()
-    error = ((got - reference) * torch.from_numpy(std).float()).abs()  # in 0-255 levels
+        return [tar.extractfile(f"{corpus.order[int(sample)]}.jpg").read() for sample in samples]
+
+
+def test_backends_cut_the_same_pixels_as_pil_and_each_other_on_the_same_box(tmp_path, rng):
+    """PIL as the reference, and each backend against the other on the same batch."""
+    corpus = photo_corpus(tmp_path, rng, count=12)
+    size, count = 24, 12
+    got = {}
+    for backend in BACKENDS:
+        cfg = corpus.config(backend=backend, batch_size=count, image_size=size, shuffle_buffer=0)
+        loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+        got[backend] = next(loader).images.permute(0, 2, 3, 1)  # (B, S, S, 3)
+        samples = loader.stream.plan(0)[:count]  # no bad sample: batch 0 is positions 0 .. B-1 of epoch 0
+        loader.close()
+    reference, _ = pil_reference(shard_jpegs(corpus, samples), corpus.seed, size)
     # Decoders (IDCT, chroma upsampling) and resamplers differ by rounding, not by content: a box off by a few
     # pixels, a missed flip or a missed EXIF turn costs tens of levels on these pictures.
-    assert error.mean() < 3.0
+    for backend, images in got.items():
+        assert mean_level_error(images, reference) < 3.0, backend
+    if len(got) == 2:
+        assert mean_level_error(got["dali"], got["torch"]) < 3.0
+
+
+def test_dali_finished_graph_runs_on_the_cpu_like_pil(tmp_path, rng):
+    """The GPU graph's resize, mirror and normalize (with their arguments), placed on DALI's CPU backend."""
+    if "dali" not in BACKENDS:
+        pytest.skip("DALI not installed")
+    from fastpretrain.data.dali import image_pipeline
+
+    count, size = 8, 24
+    corpus = photo_corpus(tmp_path, rng, count=count)
+    jpegs = shard_jpegs(corpus, range(count))
+    reference, boxes = pil_reference(jpegs, corpus.seed, size)
+    pipe = image_pipeline(count, 2, None, size, IMAGENET_MEAN, IMAGENET_STD, half=False, hw_decoder_load=0.75,
+                          finish=True)
+    pipe.build()
+    pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in jpegs])
+    pipe.feed_input("anchor", [np.array(box[:2], dtype=np.float32) for box in boxes])
+    pipe.feed_input("shape", [np.array(box[2:4], dtype=np.float32) for box in boxes])
+    pipe.feed_input("mirror", [np.array(box[4], dtype=np.int32) for box in boxes])
+    (images,) = pipe.run()
+    got = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # (B, S, S, 3)
+    assert got.shape == (count, size, size, 3) and got.dtype == torch.float32
+    assert mean_level_error(got, reference) < 3.0
+
+
+def test_rank_and_world_size_come_from_the_environment(tmp_path, rng, monkeypatch):
+    corpus = make_corpus(tmp_path, rng, shards=4, per_shard=12)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = build_train_loader(corpus.config(backend="torch"), corpus.vocab, CPU, torch.float32)
+    assert [p.name for p in loader.stream.table.paths] == ["00001.tar", "00003.tar"]
+    assert loader.state_dict()["rank"] == 1 and loader.state_dict()["world_size"] == 2
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(UserError, match="rank 2"):
+        build_train_loader(corpus.config(backend="torch"), corpus.vocab, CPU, torch.float32)
 
 
 def test_dali_gpu_pipeline_definition():

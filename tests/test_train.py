@@ -45,6 +45,10 @@ def test_demo_training_learns(demo_cache, tmp_path):
     assert final["event"] == "eval" and final["images"] > 900
     assert final["precision@1"] >= 2 * final["majority_precision@1"], final
     assert (run / "checkpoint.pt").is_file() and (run / "config.json").is_file() and (run / "env.json").is_file()
+    # Samples skipped so far, per reason: the demo's posts without a kept hashtag are excluded (and counted).
+    skipped = [r["skipped_samples"] for r in train]
+    assert all(isinstance(s, dict) and all(isinstance(n, int) and n >= 0 for n in s.values()) for s in skipped)
+    assert skipped[-1].get("unlabeled", 0) > 0
     first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
     # From the loss of a uniform guess, log(classes) = 3.2, where training starts; the noisy tags keep the floor
     # near 2. Not from the first logged loss: it carries the noise of the initialization (3.10 to 3.30 over 18

@@ -68,10 +68,16 @@ def image_pipeline(
     std: tuple[float, float, float],
     half: bool,
     hw_decoder_load: float,
+    finish: bool | None = None,
 ):
-    """The (unbuilt) DALI pipeline; on a GPU (``device_id`` set) the decode is ``mixed`` and the pipeline ends in
-    normalized (B, S, S, 3) images, else it decodes on CPU threads and ends in the crops, uint8 (h, w, 3) each."""
+    """The (unbuilt) DALI pipeline; on a GPU (``device_id`` set) the decode is ``mixed``, else on CPU threads.
+
+    With ``finish`` (default: on a GPU) it goes on to resize, mirror and normalize, ending in normalized
+    (B, S, S, 3) images; without, it ends in the crops, uint8 (h, w, 3) each. The tests run the finished graph on
+    the CPU, where DALI places the same operators on its CPU backend, so the GPU graph's arguments are exercised.
+    """
     on_gpu = device_id is not None
+    finish = on_gpu if finish is None else finish
     decoder_args = dict(GPU_DECODER_ARGS, hw_decoder_load=hw_decoder_load) if on_gpu else {}
 
     # Runs are scheduled ahead by hand (``schedule_run`` per fed batch, ``prefetch`` of them in flight): DALI's own
@@ -86,7 +92,7 @@ def image_pipeline(
             encoded, anchor, shape, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
             normalized_anchor=False, normalized_shape=False, axis_names="WH", **decoder_args,
         )
-        if not on_gpu:
+        if not finish:
             return images
         images = fn.resize(images, size=[image_size, image_size], antialias=True, interp_type=types.INTERP_LINEAR)
         mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)

@@ -84,10 +84,19 @@ def _images_to_batch(images: torch.Tensor, table: SampleTable, samples: np.ndarr
     import torch
 
     labels, offsets = table.labels_of(samples)
+
+    def to_device(array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(array)
+        # From pageable memory the copy would first wait for the work queued on the stream; pinned memory comes
+        # from torch's caching host allocator, not a cudaHostAlloc per step.
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
     return Batch(
         images=images.permute(0, 3, 1, 2),  # (B, H, W, 3) -> (B, 3, H, W): a channels-last view
-        labels=torch.from_numpy(labels).to(device, non_blocking=True),
-        offsets=torch.from_numpy(offsets).to(device, non_blocking=True),
+        labels=to_device(labels),
+        offsets=to_device(offsets),
     )
 
 
