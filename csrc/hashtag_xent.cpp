@@ -205,23 +205,26 @@ acc_t xent_row(const scalar_t* x_in, scalar_t* grad, acc_t* scratch, int64_t C, 
                std::optional<acc_t>& next_max) {
   constexpr bool kWide = std::is_same_v<scalar_t, acc_t>;
 
-  // Target logits first: in the in-place mode the exps below overwrite them.
-  // A zero weight is skipped so that a -inf logit it points at cannot make 0 * -inf.
+  // Target logits first: in the in-place mode the exps below overwrite them. Summed as t_j * z_j with the
+  // weights normalized first, so that no partial sum leaves the logits' range (k logits of the dtype's max
+  // summed before dividing by k would overflow). A zero weight is skipped so that a -inf logit it points at
+  // cannot make 0 * -inf.
   acc_t total_weight = 0;
-  acc_t weighted_logits = 0;
   for (int64_t j = row.begin; j < row.end; ++j) {
     const int64_t label = row.labels[j];
     TORCH_CHECK(label >= 0 && label < C, "hashtag_xent: label ", label, " outside [0, ", C, ")");
     const acc_t w = row.weight(j);
-    if (w > 0) {
-      total_weight += w;
-      weighted_logits += w * static_cast<acc_t>(x_in[label]);
-    }
+    if (w > 0) total_weight += w;
   }
   next_max.reset();
   if (!(total_weight > 0)) {
     if (grad != nullptr) std::fill(grad, grad + C, scalar_t(0));
     return acc_t(0);
+  }
+  acc_t target_logit = 0;
+  for (int64_t j = row.begin; j < row.end; ++j) {
+    const acc_t w = row.weight(j);
+    if (w > 0) target_logit += w / total_weight * static_cast<acc_t>(x_in[row.labels[j]]);
   }
 
   // Clamped to the finite range so that a row of -inf never computes -inf - -inf.
@@ -243,7 +246,7 @@ acc_t xent_row(const scalar_t* x_in, scalar_t* grad, acc_t* scratch, int64_t C, 
       exp_sum<scalar_t, acc_t>(x_in, max, exps, C, next_row == nullptr ? x_in : next_row, &max_of_next));
   if (next_row != nullptr) next_max = max_of_next;
   // (max - target logit) + log-sum: at large logits, max + log-sum would round the log-sum away.
-  const acc_t loss = (max - weighted_logits / total_weight) + std::log(sum);
+  const acc_t loss = (max - target_logit) + std::log(sum);
 
   if (grad != nullptr) {
     // softmax - t = (exp - t * sum) / sum: subtract the targets in the exp domain, then scale once.

@@ -205,9 +205,11 @@ def _torch_forward(logits: torch.Tensor, targets: SparseTargets, grad_scale: tor
     w = torch.ones(labels.shape, dtype=acc, device=z.device) if targets.weights is None else targets.weights.to(acc)
     row_weight = torch.zeros(n_rows, dtype=acc, device=z.device).index_add_(0, rows, w)  # (B,)
     labeled = row_weight > 0  # (B,)
-    # A zero weight must not multiply its logit: 0 * -inf would be NaN.
-    target_logit = torch.where(w > 0, w * z[rows, labels], 0)  # (nnz,)
-    weighted = torch.zeros_like(row_weight).index_add_(0, rows, target_logit) / row_weight.clamp_min(tiny)  # (B,)
+    # Summed as t_j * z_j with the weights normalized first: k logits of the dtype's max summed before dividing
+    # by k would overflow. A zero weight must not multiply its logit: 0 * -inf would be NaN.
+    t = w / row_weight.clamp_min(tiny)[rows]  # (nnz,)
+    target_logit = torch.where(w > 0, t * z[rows, labels], 0)  # (nnz,)
+    weighted = torch.zeros_like(row_weight).index_add_(0, rows, target_logit)  # (B,)
 
     # The max is clamped to the finite range so that a row of -inf never computes -inf - -inf.
     row_max = z.max(dim=1, keepdim=True).values.clamp_min(torch.finfo(acc).min)  # (B, 1)
@@ -217,8 +219,7 @@ def _torch_forward(logits: torch.Tensor, targets: SparseTargets, grad_scale: tor
     # (max - target logit) + log-sum: at large logits, max + log-sum would round the log-sum away.
     row_loss.copy_(torch.where(labeled, (row_max[:, 0] - weighted) + torch.log(sum_exp[:, 0]), 0))
     if grad is not None:
-        target = torch.zeros_like(z).index_put_((rows, labels), w, accumulate=True)  # (B, C)
-        target = target / row_weight.clamp_min(tiny)[:, None]
+        target = torch.zeros_like(z).index_put_((rows, labels), t, accumulate=True)  # (B, C)
         # torch.where, not a product, keeps the 0/0 softmax of an all -inf unlabeled row out.
         grad.copy_(torch.where(labeled[:, None], (exp / sum_exp - target) * grad_scale, 0))
 

@@ -71,19 +71,24 @@ def _hashtag_xent_fwd_kernel(
     end = tl.load(offsets_ptr + row + 1).to(tl.int64)
     cols = tl.arange(0, BLOCK)
 
-    # Target logits first: in the in-place mode the gradient overwrites them. A zero weight reads its
-    # logit as 0, so that a -inf logit it points at cannot make 0 * -inf.
-    total_weight = 0.0
-    weighted_logits = 0.0
+    # Target logits first: in the in-place mode the gradient overwrites them. Summed as t_j * z_j with the
+    # weights normalized first, so that no partial sum leaves the logits' range (k logits of the dtype's max
+    # summed before dividing by k would overflow). A zero weight reads its logit as 0, so that a -inf logit it
+    # points at cannot make 0 * -inf.
+    if HAS_WEIGHTS:
+        total_weight = 0.0
+        for j in range(begin, end):
+            total_weight += tl.load(weights_ptr + j).to(tl.float32)
+    else:
+        total_weight = (end - begin).to(tl.float32)
+    target_logit = 0.0
     for j in range(begin, end):
         z = tl.load(x_row + tl.load(labels_ptr + j)).to(tl.float32)
         if HAS_WEIGHTS:
             w = tl.load(weights_ptr + j).to(tl.float32)
-            total_weight += w
-            weighted_logits += w * tl.where(w > 0, z, 0.0)
+            target_logit += w / total_weight * tl.where(w > 0, z, 0.0)
         else:
-            total_weight += 1.0
-            weighted_logits += z
+            target_logit += z / total_weight
 
     scale = tl.load(scale_ptr)
     row_loss = total_weight * 0.0
@@ -117,7 +122,7 @@ def _hashtag_xent_fwd_kernel(
                                             weights_ptr, begin, end, HAS_WEIGHTS)
                     tl.store(g_row + block_cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
         # (max - target logit) + log-sum: at large logits, max + log-sum would round the log-sum away.
-        row_loss = (row_max - weighted_logits / total_weight) + log_sum
+        row_loss = (row_max - target_logit) + log_sum
     else:
         if WRITE_GRAD:
             for start in range(0, n_cols, BLOCK):

@@ -280,6 +280,27 @@ def test_extreme_logits(gen, backend, dtype):
     check_against_reference(batch, backend, "none")
 
 
+def check_logits_at_the_limit(gen: torch.Generator, backend: str, dtype: torch.dtype, n_rows: int, n_classes: int,
+                              device: torch.device | str = "cpu") -> None:
+    """Logits of +-max: a row's exact loss can pass float32's range (about 2 max where a -max class is targeted
+    beside a +max one), which no float32 output holds. The loss is then +inf and only then; never NaN; the
+    gradient (softmax - target, within [-1, 1]) is always finite and right."""
+    batch = random_batch(gen, n_rows, n_classes, dtype=torch.float64)
+    batch.logits = (torch.sign(batch.logits) * torch.finfo(dtype).max).to(dtype)
+    out, grad = run_loss(batch, backend, "none", device=device)
+    z, ref = reference_loss(batch, "none")
+    ref.sum().backward()
+    representable = ref.detach() <= torch.finfo(torch.float32).max  # (B,)
+    assert not out.isnan().any() and bool((out[~representable] == float("inf")).all())
+    assert_matches(out[representable], ref.detach()[representable], torch.float32, f"{backend} loss")
+    assert_matches(grad, z.grad, dtype, f"{backend} gradient", 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_logits_at_the_limit_of_their_dtype(gen, backend, dtype):
+    check_logits_at_the_limit(gen, backend, dtype, 16, 33)
+
+
 def test_minus_inf_on_untargeted_classes(gen, backend):
     batch = random_batch(gen, 10, 64)
     target = dense_target(batch)

@@ -21,6 +21,7 @@ from test_loss import (
     Batch,
     assert_matches,
     check_against_reference,
+    check_logits_at_the_limit,
     dense_target,
     gradient_magnitude,
     loss_magnitude,
@@ -76,6 +77,11 @@ def test_extreme_logits(gen, dtype):
     batch.logits = (torch.sign(batch.logits) * largest * torch.rand(batch.logits.shape, generator=gen,
                                                                      dtype=torch.float64)).to(dtype)
     check_against_reference(batch, "triton", "none", device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_logits_at_the_limit_of_their_dtype(gen, dtype):
+    check_logits_at_the_limit(gen, "triton", dtype, 6, 33, device=DEVICE)
 
 
 def test_minus_inf_on_untargeted_classes(gen):
