@@ -115,16 +115,16 @@ def test_load_corrupt_files_raise_data_error_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_saved_index_has_the_mode_a_plain_open_gives(tmp_path, umask):
-    from fastpretrain.hashtags import labels
+    from fastpretrain import files
 
-    labels.shared_file_mode.cache_clear()  # the mode is read once per process: read it under this umask
+    files.shared_file_mode.cache_clear()  # the mode is read once per process: read it under this umask
     previous = os.umask(umask)
     try:
         (tmp_path / "plain").write_bytes(b"")
         LabelIndex.from_rows(["a"], [[1]], "h").save(tmp_path / "x.labels.npz")
     finally:
         os.umask(previous)
-        labels.shared_file_mode.cache_clear()
+        files.shared_file_mode.cache_clear()
     plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     assert plain == 0o666 & ~umask  # the premise
     assert stat.S_IMODE((tmp_path / "x.labels.npz").stat().st_mode) == plain

@@ -7,28 +7,17 @@ One ``.labels.npz`` file per shard (or per metadata file), rows in the shard's s
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from fastpretrain.errors import DataError
+from fastpretrain.files import atomic_write
 
 LABEL_INDEX_SUFFIX = ".labels.npz"
-
-
-@cache
-def shared_file_mode() -> int:
-    """The mode a plain ``open()`` gives a new file (0o666 less the umask), for files made by ``mkstemp``, whose
-    0o600 would hide them from the other users of a shared cluster. The umask is read once: reading it means
-    setting it, briefly."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def label_index_path(labels_dir: str | os.PathLike, shard: str | os.PathLike) -> Path:
@@ -81,23 +70,14 @@ class LabelIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a temporary file in the same folder, renamed over ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    keys=self.keys,
-                    offsets=self.offsets,
-                    labels=self.labels,
-                    vocab_hash=np.asarray(self.vocab_hash, dtype=np.str_),
-                )
-            os.chmod(tmp, shared_file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            np.savez(
+                f,
+                keys=self.keys,
+                offsets=self.offsets,
+                labels=self.labels,
+                vocab_hash=np.asarray(self.vocab_hash, dtype=np.str_),
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LabelIndex:

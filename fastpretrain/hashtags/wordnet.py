@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpretrain.errors import UserError
-from fastpretrain.hashtags.labels import shared_file_mode
+from fastpretrain.files import atomic_write
 
 WORDNET_ENV = "FASTPRETRAIN_WORDNET"
 CACHE_ENV = "FASTPRETRAIN_CACHE"
@@ -245,18 +244,11 @@ def _read_table(path: Path) -> NounTable | None:
 
 
 def _write_table(path: Path, table: NounTable) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError:
-        return  # a read-only cache folder only costs the next run the same derivation
-    try:
-        with os.fdopen(fd, "w") as f:
+    try:  # atomic: parallel first runs each put a whole file in place
+        with atomic_write(path, "w") as f:
             json.dump({name: getattr(table, name) for name in NounTable.__dataclass_fields__}, f)
-        os.chmod(tmp, shared_file_mode())
-        os.replace(tmp, path)  # atomic: parallel first runs each put a whole file in place
     except OSError:
-        Path(tmp).unlink(missing_ok=True)
+        pass  # a read-only cache folder only costs the next run the same derivation
 
 
 def noun_table() -> NounTable:
