@@ -1,4 +1,8 @@
-"""Build and load the C++ kernels of ``csrc/`` once per process, cached on disk between processes.
+"""Build and load the C++ extensions of ``csrc/`` once per process, cached on disk between processes.
+
+Two extensions, built and failing separately: ``xent`` (the fused loss) and ``jpeg`` (region decoding with the
+system's libjpeg-turbo, whose headers come from Debian's ``libjpeg62-turbo-dev``), so a machine without those
+headers still has the loss kernels.
 
 ``torch.utils.cpp_extension.load`` compiles the sources with ninja into ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions/<python>_<accelerator>``): the first build takes about a minute on 2 cores,
@@ -22,13 +26,25 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-SOURCES = ("hashtag_xent.cpp",)
+
+
+@dataclass(frozen=True)
+class _Extension:
+    sources: tuple[str, ...]
+    libraries: tuple[str, ...] = ()
+
+
+EXTENSIONS = {
+    "xent": _Extension(("hashtag_xent.cpp",)),
+    "jpeg": _Extension(("jpeg_region.cpp",), libraries=("jpeg",)),
+}
 
 # Vector flags matching what ATen itself runs with on this CPU, so ATen's Vectorized<> headers compile
 # to the same instructions (without them they fall back to scalar loops and a scalar exp).
@@ -39,9 +55,9 @@ _CAPABILITY_FLAGS = {
 }
 
 _lock = threading.Lock()
-_module: ModuleType | None = None
-_failure: str | None = None
-_warned = False
+_modules: dict[str, ModuleType] = {}
+_failures: dict[str, str] = {}  # extension -> why it cannot be built, kept for the rest of the process
+_warned: set[str] = set()
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -53,10 +69,10 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def extension_name() -> str:
-    """The extension's cache name: one per torch version and CPU capability."""
+def extension_name(kind: str) -> str:
+    """The cache name of extension ``kind``: one per torch version and CPU capability."""
     tag = re.sub(r"[^0-9A-Za-z]+", "_", f"{torch.__version__}_{cpu_capability()}")
-    return f"fastpretrain_csrc_{tag}"
+    return f"fastpretrain_{kind}_{tag}"
 
 
 # ATen's at::parallel_for is a header template: compiled without OpenMP it runs every range on the calling
@@ -76,15 +92,15 @@ def build_flags() -> list[str]:
     return ["-O3", *_CAPABILITY_FLAGS.get(cpu_capability(), []), *(_OPENMP_FLAGS if _uses_openmp() else [])]
 
 
-def link_flags() -> list[str]:
-    """Linker flags: OpenMP's runtime when the kernels are compiled with it."""
-    return _OPENMP_FLAGS if _uses_openmp() else []
+def link_flags(kind: str) -> list[str]:
+    """Linker flags: OpenMP's runtime when the kernels are compiled with it, and the extension's libraries."""
+    return (_OPENMP_FLAGS if _uses_openmp() else []) + [f"-l{name}" for name in EXTENSIONS[kind].libraries]
 
 
-def source_paths() -> list[str]:
-    """The C++ sources, from the installed package (``fastpretrain.csrc``)."""
+def source_paths(kind: str) -> list[str]:
+    """The C++ sources of extension ``kind``, from the installed package (``fastpretrain.csrc``)."""
     folder = Path(str(resources.files("fastpretrain.csrc")))
-    return [str(folder / name) for name in SOURCES]
+    return [str(folder / name) for name in EXTENSIONS[kind].sources]
 
 
 def _torch_cpp_extension() -> ModuleType:
@@ -100,11 +116,11 @@ def _torch_cpp_extension() -> ModuleType:
     return cpp_extension
 
 
-def build_directory() -> Path:
-    """Where torch builds and caches this extension (honours ``TORCH_EXTENSIONS_DIR``)."""
+def build_directory(kind: str) -> Path:
+    """Where torch builds and caches extension ``kind`` (honours ``TORCH_EXTENSIONS_DIR``)."""
     cpp_extension = _torch_cpp_extension()
     # A private helper, but the only one that knows torch's default folder layout; stable since torch 1.x.
-    return Path(cpp_extension._get_build_directory(extension_name(), verbose=False))
+    return Path(cpp_extension._get_build_directory(extension_name(kind), verbose=False))
 
 
 @contextmanager
@@ -121,42 +137,40 @@ def _build_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load_extension(verbose: bool = False) -> ModuleType:
-    """The compiled extension module, built on first use; raises ``ExtensionUnavailable`` if it cannot be.
+def load_extension(kind: str, verbose: bool = False) -> ModuleType:
+    """The compiled extension ``kind`` ("xent" or "jpeg"), built on first use; ``ExtensionUnavailable`` if it cannot be.
 
     The outcome (module or failure) is kept for the rest of the process: a failed build is not retried.
     """
-    global _module, _failure
     with _lock:
-        if _module is not None:
-            return _module
-        if _failure is not None:
-            raise ExtensionUnavailable(_failure)
+        if kind in _modules:
+            return _modules[kind]
+        if kind in _failures:
+            raise ExtensionUnavailable(_failures[kind])
         try:
             cpp_extension = _torch_cpp_extension()
-            folder = build_directory()
+            folder = build_directory(kind)
             with _build_lock(folder):
-                _module = cpp_extension.load(
-                    name=extension_name(),
-                    sources=source_paths(),
+                _modules[kind] = cpp_extension.load(
+                    name=extension_name(kind),
+                    sources=source_paths(kind),
                     extra_cflags=build_flags(),
-                    extra_ldflags=link_flags(),
+                    extra_ldflags=link_flags(kind),
                     build_directory=str(folder),
                     verbose=verbose,
                 )
         except Exception as error:  # a compiler, ninja or loader failure of any kind: report it, never crash
-            _failure = f"cannot build the C++ extension {extension_name()}: {type(error).__name__}: {error}"
-            raise ExtensionUnavailable(_failure) from error
-        return _module
+            _failures[kind] = f"cannot build the C++ extension {extension_name(kind)}: {type(error).__name__}: {error}"
+            raise ExtensionUnavailable(_failures[kind]) from error
+        return _modules[kind]
 
 
-def extension_or_none() -> ModuleType | None:
-    """The extension, or None after a single warning (per process) saying why it is unavailable."""
-    global _warned
+def extension_or_none(kind: str) -> ModuleType | None:
+    """Extension ``kind``, or None after a single warning (per process) saying why it is unavailable."""
     try:
-        return load_extension()
+        return load_extension(kind)
     except ExtensionUnavailable as error:
-        if not _warned:
-            _warned = True
+        if kind not in _warned:
+            _warned.add(kind)
             warnings.warn(f"{error}; falling back to the plain PyTorch implementation", RuntimeWarning, stacklevel=2)
         return None

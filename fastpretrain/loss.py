@@ -234,7 +234,7 @@ def _cpp_forward(logits: torch.Tensor, targets: SparseTargets, grad_scale: torch
 
     acc = accumulation_dtype(logits.dtype)
     weights = None if targets.weights is None else targets.weights.to(acc).contiguous()
-    load_extension().hashtag_xent_forward(logits, _as_int64(targets.labels), _as_int64(targets.offsets), weights,
+    load_extension("xent").hashtag_xent_forward(logits, _as_int64(targets.labels), _as_int64(targets.offsets), weights,
                                           float(grad_scale), row_loss, grad)
 
 
@@ -296,7 +296,7 @@ def resolve_backend(name: str, logits: torch.Tensor) -> LossBackend:
             from fastpretrain.cpp_extension import extension_or_none
 
             # extension_or_none warns once by itself when the build fails.
-            return BACKENDS["cpp"] if extension_or_none() is not None else BACKENDS["torch"]
+            return BACKENDS["cpp"] if extension_or_none("xent") is not None else BACKENDS["torch"]
         reason = _triton_cannot_run(logits)
         return BACKENDS["triton"] if reason is None else _fallback_to_torch(f"backend 'triton' cannot run: {reason}")
     if name not in BACKENDS:

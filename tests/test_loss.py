@@ -193,7 +193,7 @@ def gradient_magnitude(batch: Batch, reduction: str, grad_output: torch.Tensor |
 @pytest.fixture(scope="session")
 def cpp_module():
     """The C++ extension, built once per test session (about a minute the first time on 2 cores)."""
-    return cpp_extension.load_extension()
+    return cpp_extension.load_extension("xent")
 
 
 @pytest.fixture(params=CPU_BACKENDS)
@@ -501,9 +501,9 @@ def test_auto_picks_cpp_on_cpu(cpp_module):
 
 
 def test_auto_falls_back_to_torch_with_one_warning(gen, monkeypatch):
-    monkeypatch.setattr(cpp_extension, "_module", None)
-    monkeypatch.setattr(cpp_extension, "_failure", "cannot build the C++ extension: no compiler")
-    monkeypatch.setattr(cpp_extension, "_warned", False)
+    monkeypatch.setattr(cpp_extension, "_modules", {})
+    monkeypatch.setattr(cpp_extension, "_failures", {"xent": "cannot build the C++ extension: no compiler"})
+    monkeypatch.setattr(cpp_extension, "_warned", set())
     batch = random_batch(gen, 4, 11)
     with pytest.warns(RuntimeWarning, match="no compiler; falling back") as caught:
         check_against_reference(batch, "auto", "mean")
@@ -514,8 +514,8 @@ def test_auto_falls_back_to_torch_with_one_warning(gen, monkeypatch):
 
 
 def test_extension_is_built_once_per_process(cpp_module):
-    assert cpp_extension.load_extension() is cpp_module
-    assert cpp_extension.extension_name().startswith("fastpretrain_csrc_")
+    assert cpp_extension.load_extension("xent") is cpp_module
+    assert cpp_extension.extension_name("xent").startswith("fastpretrain_xent_")
 
 
 def test_build_lock_serializes_and_clears_a_stale_torch_lock(tmp_path):
