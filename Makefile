@@ -10,6 +10,10 @@ DEMO_FLAGS ?= --amp --output runs/demo
 
 .PHONY: setup demo test bench wordnet clean
 
+# Debian packages, as root or through sudo.
+apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(1) >/dev/null
+
 setup: $(VENV)/.installed $(NLTK_WORDNET)/lexnames $(VENV)/.cpp-built
 
 $(VENV)/.installed: pyproject.toml requirements/pins.txt
@@ -18,19 +22,18 @@ $(VENV)/.installed: pyproject.toml requirements/pins.txt
 	$(PY) -m pip install --quiet -c requirements/pins.txt -e '.[dali,test]'
 	touch $@
 
-# The C++ loss kernels compile on first use (about a minute on 2 cores); do it once here, not inside a run.
-$(VENV)/.cpp-built: $(VENV)/.installed csrc/hashtag_xent.cpp
-	$(PY) -c "from fastpretrain.cpp_extension import load_extension; load_extension()"
+# The C++ extensions compile on first use (about a minute on 2 cores); do it once here, not inside a run. The JPEG
+# one links the system's libjpeg-turbo: its headers come from Debian's libjpeg62-turbo-dev.
+$(VENV)/.cpp-built: $(VENV)/.installed csrc/hashtag_xent.cpp csrc/jpeg_region.cpp
+	@if [ ! -f /usr/include/jpeglib.h ]; then $(call apt_install,libjpeg62-turbo-dev); fi
+	$(PY) -c "from fastpretrain.cpp_extension import load_extension; load_extension('xent'); load_extension('jpeg')"
 	touch $@
 
 # WordNet 3.0 for nltk, offline: Debian's packages, copied (nltk refuses symlinks that leave its
 # data root) into the venv's own nltk data folder, which nltk searches by default (sys.prefix/nltk_data).
 # The Debian package lacks `lexnames`; ours ships in the package's assets.
 $(NLTK_WORDNET)/lexnames: fastpretrain/assets/wordnet-lexnames
-	@if [ ! -f /usr/share/wordnet/data.noun ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; fi; \
-	fi
+	@if [ ! -f /usr/share/wordnet/data.noun ]; then $(call apt_install,wordnet-base wordnet-sense-index); fi
 	mkdir -p $(NLTK_WORDNET)
 	cp -r /usr/share/wordnet/. $(NLTK_WORDNET)/
 	cp fastpretrain/assets/wordnet-lexnames $@

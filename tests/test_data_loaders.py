@@ -8,6 +8,7 @@ counts worked out here, and the texture makes different crops give different pix
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import tarfile
@@ -33,14 +34,24 @@ from stats import binomial_range
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
+BACKENDS = ["torch"]
 try:
     import nvidia.dali  # noqa: F401
 
-    BACKENDS = ["torch", "dali"]
+    BACKENDS.append("dali")
 except ImportError:
-    BACKENDS = ["torch"]
+    pass
+# The turbo backend needs libjpeg-turbo's headers to build (Debian's libjpeg62-turbo-dev, which `make` installs):
+# test_turbo_extension_builds_where_libjpeg_is fails if they are there and it does not build.
+JPEG_HEADERS = Path("/usr/include/jpeglib.h").exists()
+if JPEG_HEADERS:
+    BACKENDS.append("turbo")
 
 CPU = torch.device("cpu")
+# The GPU decode paths (nvJPEG in the torch backend, pinned copies in turbo) run where there is a GPU.
+DEVICES = [pytest.param(CPU, id="cpu"),
+           pytest.param(torch.device("cuda"), id="cuda",
+                        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 LEVELS = (24, 88, 152, 216)  # 64 apart: JPEG keeps a flat colour within a few levels
 WNIDS = [f"n{i:08d}" for i in range(6)]
 VOCAB_HASH = Vocab.hash_of(WNIDS, "concrete-first", "3.0")
@@ -135,7 +146,7 @@ def identify(batch: Batch, corpus: Corpus) -> list[str]:
     """The key of each image of a batch, from its mean colour."""
     std = torch.tensor(IMAGENET_STD)[:, None, None] * 255
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None] * 255
-    pixels = batch.images.float() * std + mean  # (B, 3, H, W)
+    pixels = batch.images.float().cpu() * std + mean  # (B, 3, H, W)
     shown = pixels.mean(dim=(2, 3)).numpy()  # (B, 3)
     keys = []
     for rgb in shown:
@@ -152,9 +163,10 @@ def skips_without_bad_data(corpus: Corpus) -> dict[str, int]:
     return {"unlabeled": unlabeled} if unlabeled else {}
 
 
-def check_batch(batch: Batch, corpus: Corpus, size: int, count: int, dtype=torch.float32) -> list[str]:
-    """Shape, layout, dtype, and labels equal to the label index rows of the samples shown; their keys."""
+def check_batch(batch: Batch, corpus: Corpus, size: int, count: int, dtype=torch.float32, device=CPU) -> list[str]:
+    """Shape, layout, dtype, device, and labels equal to the label index rows of the samples shown; their keys."""
     assert batch.images.shape == (count, 3, size, size) and batch.images.dtype == dtype
+    assert {t.device.type for t in (batch.images, batch.labels, batch.offsets)} == {device.type}
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
     assert batch.labels.dtype == torch.int64 and batch.offsets.dtype == torch.int64
     keys = identify(batch, corpus)
@@ -164,16 +176,17 @@ def check_batch(batch: Batch, corpus: Corpus, size: int, count: int, dtype=torch
     return keys
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_train_batches_are_full_labelled_and_cover_each_epoch(tmp_path, rng, backend):
+def test_train_batches_are_full_labelled_and_cover_each_epoch(tmp_path, rng, backend, device):
     corpus = make_corpus(tmp_path, rng)
     cfg = corpus.config(backend=backend, batch_size=int(rng.integers(3, 8)))
-    loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    loader = build_train_loader(cfg, corpus.vocab, device, torch.float32, rank=0, world_size=1)
     usable = corpus.usable()
     assert loader.batches_per_epoch == max(1, round(len(usable) / cfg.batch_size))
     seen: list[str] = []
     while len(seen) < 2 * len(usable) + cfg.batch_size:
-        seen += check_batch(next(loader), corpus, cfg.image_size, cfg.batch_size)
+        seen += check_batch(next(loader), corpus, cfg.image_size, cfg.batch_size, device=device)
     # Natural sampling: each epoch shows every usable sample exactly once, in a new order.
     first, second = seen[: len(usable)], seen[len(usable): 2 * len(usable)]
     assert sorted(first) == sorted(usable) and sorted(second) == sorted(usable) and first != second
@@ -334,8 +347,9 @@ def bogus_sampling(jpeg: bytes) -> bytes:
     return bytes(broken)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_data_is_skipped_counted_and_never_shortens_a_batch(tmp_path, rng, backend, caplog):
+def test_bad_data_is_skipped_counted_and_never_shortens_a_batch(tmp_path, rng, backend, device, caplog):
     corpus = make_corpus(tmp_path, rng, shards=3, per_shard=14, odd=odd_samples)
     # Shard 1 becomes unreadable; its label index says it held 14 samples.
     (corpus.shards / "00001.tar").write_bytes(rng.bytes(5000))
@@ -347,12 +361,12 @@ def test_bad_data_is_skipped_counted_and_never_shortens_a_batch(tmp_path, rng, b
     # 59 x 59 is the largest normal image, 60 x 60 the bomb.
     cfg = corpus.config(backend=backend, max_bad_fraction=0.9, decode_limit_pixels=59 * 59, batch_size=4)
     caplog.set_level(logging.WARNING, logger="fastpretrain.data")
-    loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    loader = build_train_loader(cfg, corpus.vocab, device, torch.float32, rank=0, world_size=1)
     seen = []
     while len(seen) < len(good) + 4:
         batch = next(loader)
         assert batch.images.shape[0] == 4
-        seen += check_batch(batch, corpus, 16, 4)
+        seen += check_batch(batch, corpus, 16, 4, device=device)
     assert sorted(seen[: len(good)]) == sorted(good)
     expected = {"truncated": 1, "not_image": 1, "too_large": 1, "missing_metadata": 1, "missing_labels": 1,
                 "decode_error": 1, "unreadable_shard": 14, "unlabeled": unlabeled}
@@ -440,15 +454,16 @@ def shard_jpegs(corpus: Corpus, samples) -> list[bytes]:
         return [tar.extractfile(f"{corpus.order[int(sample)]}.jpg").read() for sample in samples]
 
 
-def test_backends_cut_the_same_pixels_as_pil_and_each_other_on_the_same_box(tmp_path, rng):
-    """PIL as the reference, and each backend against the other on the same batch."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_backends_cut_the_same_pixels_as_pil_and_each_other_on_the_same_box(tmp_path, rng, device):
+    """PIL as the reference, and each backend against the others on the same batch."""
     corpus = photo_corpus(tmp_path, rng, count=12)
     size, count = 24, 12
     got = {}
     for backend in BACKENDS:
         cfg = corpus.config(backend=backend, batch_size=count, image_size=size, shuffle_buffer=0)
-        loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
-        got[backend] = next(loader).images.permute(0, 2, 3, 1)  # (B, S, S, 3)
+        loader = build_train_loader(cfg, corpus.vocab, device, torch.float32, rank=0, world_size=1)
+        got[backend] = next(loader).images.permute(0, 2, 3, 1).cpu()  # (B, S, S, 3)
         samples = loader.stream.plan(0)[:count]  # no bad sample: batch 0 is positions 0 .. B-1 of epoch 0
         loader.close()
     reference, _ = pil_reference(shard_jpegs(corpus, samples), corpus.seed, size)
@@ -456,8 +471,8 @@ def test_backends_cut_the_same_pixels_as_pil_and_each_other_on_the_same_box(tmp_
     # pixels, a missed flip or a missed EXIF turn costs tens of levels on these pictures.
     for backend, images in got.items():
         assert mean_level_error(images, reference) < 3.0, backend
-    if len(got) == 2:
-        assert mean_level_error(got["dali"], got["torch"]) < 3.0
+    for first, second in itertools.combinations(got, 2):
+        assert mean_level_error(got[first], got[second]) < 3.0, (first, second)
 
 
 def test_dali_finished_graph_runs_on_the_cpu_like_pil(tmp_path, rng):
@@ -577,6 +592,24 @@ def test_auto_backend_is_dali_when_importable_and_says_why(caplog):
     messages = [r.getMessage() for r in caplog.records if "data backend" in r.getMessage()]
     assert len(messages) == 1 and choice in messages[0] and "importable" in messages[0]
     assert resolve_backend("torch") == "torch"
+
+
+def test_turbo_extension_builds_where_libjpeg_is():
+    if not JPEG_HEADERS:
+        pytest.skip("no libjpeg-turbo headers on this machine")
+    from fastpretrain.data.turbo import jpeg_extension
+
+    assert hasattr(jpeg_extension(), "decode_region")
+
+
+def test_turbo_without_its_extension_is_a_one_line_user_error(tmp_path, rng, monkeypatch):
+    from fastpretrain import cpp_extension
+
+    corpus = make_corpus(tmp_path, rng, shards=1, per_shard=4)
+    monkeypatch.setattr(cpp_extension, "_modules", {})
+    monkeypatch.setattr(cpp_extension, "_failures", {"jpeg": "cannot build the C++ extension: jpeglib.h not found"})
+    with pytest.raises(UserError, match="^data backend turbo: .*jpeglib.h not found$"):
+        build_train_loader(corpus.config(backend="turbo"), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
 
 
 def test_gather_rows_against_a_loop(rng):

@@ -8,10 +8,10 @@ One pipeline per loader; on a GPU::
       -> fn.crop_mirror_normalize (mirror, (x - 255 mean) / (255 std), NHWC, fp16 or fp32)
 
 Without a GPU the pipeline stops after ``fn.decoders.image_slice`` (libjpeg-turbo on DALI's CPU threads) and
-torch resizes, mirrors and normalizes each crop on threads of its own (``torch_loader.crop_resize_into``,
-``Normalizer``) while DALI decodes the next batches: DALI's CPU resize costs ~0.9 ms per 224 crop, torch's
+torch resizes, mirrors and normalizes each crop on threads of its own (``torch_loader.CropFinisher``) while
+DALI decodes the next batches: DALI's CPU resize costs ~0.9 ms per 224 crop, torch's
 vectorized uint8 resampler ~0.24 ms, and the region decode (~0.8 ms) already costs less than the full decode
-(~0.9 ms).
+(~0.9 ms). Without a GPU the ``turbo`` backend is faster still (``fastpretrain.data.turbo``).
 
 ``image_slice`` with a box decodes only that region, as ``fn.decoders.image_random_crop`` does; the box
 comes from ``decode.prepare_chunk`` (torchvision's RandomResizedCrop rule, drawn from the sample's position)
@@ -31,7 +31,6 @@ time to find the culprit.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +44,7 @@ from fastpretrain.data.config import DataConfig
 from fastpretrain.data.decode import CropSpec, PreparedChunk, prepare_chunk
 from fastpretrain.data.shards import MemberReader
 from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleTable
-from fastpretrain.data.torch_loader import Normalizer, crop_resize_into
+from fastpretrain.data.torch_loader import CropFinisher
 
 log = logging.getLogger("fastpretrain.data")
 
@@ -121,8 +120,7 @@ class DaliDecoder:
         self.spec = CropSpec.from_config(cfg, train)
         self.reader = MemberReader(table.paths)
         self.half = dtype in (torch.float16, torch.bfloat16)
-        self.normalize = Normalizer(cfg, self.device, dtype)
-        self._per_thread = threading.local()
+        self.finish = CropFinisher(cfg, dtype)
         self.device_id = None
         if self.device.type == "cuda":
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -213,31 +211,16 @@ class DaliDecoder:
         return out.to(self.dtype)
 
     def _finish_on_cpu(self, crops, prepared: PreparedChunk, pool: ThreadPoolExecutor) -> torch.Tensor:
-        """The CPU pipeline's crops (k of (h, w, 3) uint8) resized, mirrored and normalized by torch on ``pool``.
-
-        Each thread resizes into its own reused uint8 image and normalizes it into the batch while it is still in
-        cache: a uint8 batch normalized afterwards on the training thread cost that thread ~0.15-0.5 ms per image
-        (a cold pass, and the page faults of a fresh float temporary), as much as the resize itself.
-        """
+        """The CPU pipeline's crops (k of (h, w, 3) uint8) resized, mirrored and normalized by torch on ``pool``."""
         size = self.cfg.image_size
         out = torch.empty((len(crops), size, size, 3), dtype=self.dtype)  # (k, S, S, 3)
 
         def finish(i: int) -> None:
             crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1)  # (3, h, w), a view of DALI's buffer
-            pixels = self._thread_pixels()
-            crop_resize_into(pixels, crop, 0, 0, crop.shape[2], crop.shape[1], bool(prepared.boxes.flip[i]))
-            self.normalize.one_into(out[i], pixels)
+            self.finish(out[i], crop, 0, 0, crop.shape[2], crop.shape[1], bool(prepared.boxes.flip[i]))
 
         list(pool.map(finish, range(len(crops))))
         return out
-
-    def _thread_pixels(self) -> torch.Tensor:
-        """This thread's (S, S, 3) uint8 resize buffer, reused from image to image."""
-        pixels = getattr(self._per_thread, "pixels", None)
-        if pixels is None:
-            size = self.cfg.image_size
-            pixels = self._per_thread.pixels = torch.empty((size, size, 3), dtype=torch.uint8)
-        return pixels
 
     def _decoded(self, prepared: PreparedChunk, images: torch.Tensor) -> DecodedChunk:
         return DecodedChunk(prepared.epoch, prepared.positions, prepared.samples, images, prepared.bad)

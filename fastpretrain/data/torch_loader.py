@@ -18,6 +18,7 @@ Crop boxes come from ``decode.prepare_chunk``, shared with the DALI backend, so 
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -113,6 +114,29 @@ class Normalizer:
             torch.addcmul(self.bias_row, target, self.scale_row, out=target)
         else:  # float32 arithmetic, one rounding to ``dtype``
             out.view(size, size * 3).copy_(torch.addcmul(self.bias_row, rows.float(), self.scale_row))
+
+
+class CropFinisher:
+    """Resizes, mirrors and normalizes one crop into its slot of a CPU batch, on whichever thread calls it.
+
+    Each thread resizes into its own reused uint8 image and normalizes it into the batch while it is still in
+    cache: a uint8 batch normalized afterwards on the training thread cost that thread ~0.15-0.5 ms per image
+    (a cold pass, and the page faults of a fresh float temporary), as much as the resize itself.
+    """
+
+    def __init__(self, cfg: DataConfig, dtype: torch.dtype) -> None:
+        self.size = cfg.image_size
+        self.normalize = Normalizer(cfg, torch.device("cpu"), dtype)
+        self._per_thread = threading.local()
+
+    def __call__(self, out: torch.Tensor, image: torch.Tensor, left: int, top: int, width: int, height: int,
+                 flip: bool) -> None:
+        """The box of ``image`` (3, H, W) uint8 into ``out`` (S, S, 3) of the batch's dtype."""
+        pixels = getattr(self._per_thread, "pixels", None)
+        if pixels is None:
+            pixels = self._per_thread.pixels = torch.empty((self.size, self.size, 3), dtype=torch.uint8)
+        crop_resize_into(pixels, image, left, top, width, height, flip)
+        self.normalize.one_into(out, pixels)
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fastpretrain.data.config import BACKENDS
 from fastpretrain.train.config import PAPER_PRESET, TrainConfig
 
 
@@ -34,7 +35,7 @@ def register(subparsers) -> None:
     data.add_argument("--labels", help="label index folder (default: labels/ beside vocab.json)")
     data.add_argument("--val-data", help="held-out shards for the final precision@k")
     data.add_argument("--val-labels", help="their label index folder (default: val-labels/ beside vocab.json)")
-    data.add_argument("--data-backend", choices=["auto", "dali", "torch"], help=_default("data_backend"))
+    data.add_argument("--data-backend", choices=list(BACKENDS), help=_default("data_backend"))
     data.add_argument("--resample", choices=["natural", "sqrt", "uniform"],
                       help="rebalancing of the long tail, as in the paper " + _default("resample"))
     data.add_argument("--resample-t", type=float, help="the threshold t of r(h) = max(1, phi(t / f(h))) "
