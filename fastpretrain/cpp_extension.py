@@ -165,12 +165,12 @@ def load_extension(kind: str, verbose: bool = False) -> ModuleType:
         return _modules[kind]
 
 
-def extension_or_none(kind: str) -> ModuleType | None:
-    """Extension ``kind``, or None after a single warning (per process) saying why it is unavailable."""
+def extension_or_none(kind: str, fallback: str) -> ModuleType | None:
+    """Extension ``kind``, or None after a single warning (per process) saying why, and that ``fallback`` is used."""
     try:
         return load_extension(kind)
     except ExtensionUnavailable as error:
         if kind not in _warned:
             _warned.add(kind)
-            warnings.warn(f"{error}; falling back to the plain PyTorch implementation", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{error}; falling back to {fallback}", RuntimeWarning, stacklevel=2)
         return None

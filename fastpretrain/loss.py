@@ -296,7 +296,7 @@ def resolve_backend(name: str, logits: torch.Tensor) -> LossBackend:
             from fastpretrain.cpp_extension import extension_or_none
 
             # extension_or_none warns once by itself when the build fails.
-            return BACKENDS["cpp"] if extension_or_none("xent") is not None else BACKENDS["torch"]
+            return BACKENDS["cpp"] if extension_or_none("xent", "the plain PyTorch implementation") is not None else BACKENDS["torch"]
         reason = _triton_cannot_run(logits)
         return BACKENDS["triton"] if reason is None else _fallback_to_torch(f"backend 'triton' cannot run: {reason}")
     if name not in BACKENDS:

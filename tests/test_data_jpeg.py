@@ -1,4 +1,4 @@
-"""The region decoder of the turbo backend (``csrc/jpeg_region.cpp``) against PIL's full decode of the same bytes.
+"""The region decoder of the CPU decode path (``csrc/jpeg_region.cpp``) against PIL's full decode of the same bytes.
 
 The two use different builds of libjpeg-turbo (the system's 2.1.5 here, PIL's bundled 3.2) with the same settings
 (islow IDCT, fancy upsampling). Measured: their full decodes are the same to the level, over thousands of images
@@ -33,7 +33,7 @@ from PIL import Image, ImageFile, JpegImagePlugin
 if not Path("/usr/include/jpeglib.h").exists():
     pytest.skip("libjpeg-turbo's headers (/usr/include/jpeglib.h) are not installed", allow_module_level=True)
 
-from fastpretrain.data.turbo import jpeg_extension  # noqa: E402
+from fastpretrain.cpp_extension import load_extension  # noqa: E402
 
 Box = tuple[int, int, int, int]  # (left, top, width, height)
 
@@ -73,7 +73,7 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="module")
 def jpeg():
-    return jpeg_extension()
+    return load_extension("jpeg")
 
 
 def textured(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader
+from fastpretrain import cpp_extension
+from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader, torch_loader
 from fastpretrain.data.config import IMAGENET_MEAN, IMAGENET_STD
 from fastpretrain.data.decode import random_resized_boxes, sample_uniforms
 from fastpretrain.data.shards import ShardWriter
@@ -41,14 +42,11 @@ try:
     BACKENDS.append("dali")
 except ImportError:
     pass
-# The turbo backend needs libjpeg-turbo's headers to build (Debian's libjpeg62-turbo-dev, which `make` installs):
-# test_turbo_extension_builds_where_libjpeg_is fails if they are there and it does not build.
+# The region decoder needs libjpeg-turbo's headers to build (Debian's libjpeg62-turbo-dev, which `make` installs).
 JPEG_HEADERS = Path("/usr/include/jpeglib.h").exists()
-if JPEG_HEADERS:
-    BACKENDS.append("turbo")
 
 CPU = torch.device("cpu")
-# The GPU decode paths (nvJPEG in the torch backend, pinned copies in turbo) run where there is a GPU.
+# The GPU decode paths (nvJPEG in the torch backend, DALI's mixed decoder) run where there is a GPU.
 DEVICES = [pytest.param(CPU, id="cpu"),
            pytest.param(torch.device("cuda"), id="cuda",
                         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -594,22 +592,33 @@ def test_auto_backend_is_dali_when_importable_and_says_why(caplog):
     assert resolve_backend("torch") == "torch"
 
 
-def test_turbo_extension_builds_where_libjpeg_is():
+def test_region_decoder_builds_where_libjpeg_is():
     if not JPEG_HEADERS:
         pytest.skip("no libjpeg-turbo headers on this machine")
-    from fastpretrain.data.turbo import jpeg_extension
-
-    assert hasattr(jpeg_extension(), "decode_region")
+    assert hasattr(torch_loader.region_decoder(), "decode_region")
 
 
-def test_turbo_without_its_extension_is_a_one_line_user_error(tmp_path, rng, monkeypatch):
-    from fastpretrain import cpp_extension
+def test_cpu_crops_are_the_same_with_the_region_decoder_or_without(tmp_path, rng, monkeypatch):
+    """The torch backend on the CPU decodes plain JPEGs in the box's region only: the same pixels as the box of the
+    full decode, so the batches are equal with the region decoder and without it (then: one warning, full decodes)."""
+    if not JPEG_HEADERS:
+        pytest.skip("no libjpeg-turbo headers on this machine")
+    corpus = photo_corpus(tmp_path, rng, count=12)  # some turned by EXIF: those are decoded whole either way
+    cfg = corpus.config(backend="torch", batch_size=12, image_size=24)
+    calls = []
+    decoder = torch_loader.region_decoder()
+    monkeypatch.setattr(torch_loader, "region_decoder", lambda: calls.append(1) or decoder)
+    with_region = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1))
+    assert len(calls) > 1  # once at start, then per upright JPEG (workers=0: in this process)
 
-    corpus = make_corpus(tmp_path, rng, shards=1, per_shard=4)
+    monkeypatch.undo()
     monkeypatch.setattr(cpp_extension, "_modules", {})
     monkeypatch.setattr(cpp_extension, "_failures", {"jpeg": "cannot build the C++ extension: jpeglib.h not found"})
-    with pytest.raises(UserError, match="^data backend turbo: .*jpeglib.h not found$"):
-        build_train_loader(corpus.config(backend="turbo"), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    monkeypatch.setattr(cpp_extension, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="jpeglib.h not found; falling back to torchvision's full decode") as caught:
+        whole = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1))
+    assert len([w for w in caught if "falling back" in str(w.message)]) == 1
+    assert torch.equal(with_region.images, whole.images) and torch.equal(with_region.labels, whole.labels)
 
 
 def test_gather_rows_against_a_loop(rng):

@@ -11,7 +11,7 @@ from fastpretrain.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-BACKENDS = ("auto", "dali", "torch", "turbo")
+BACKENDS = ("auto", "dali", "torch")
 RESAMPLE_MODES = ("natural", "sqrt", "uniform")  # fastpretrain.hashtags.resample's, without importing it here
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,12 +22,11 @@ class DataConfig:
     """Where the shards and labels are and how to turn them into batches.
 
     ``workers``: DataLoader worker processes for the torch backend (0 decodes in the training process),
-    decoding threads for DALI and turbo (at least 1). ``prefetch_batches``: batches prepared ahead, per worker
-    for the torch backend (DataLoader's ``prefetch_factor``), runs in flight for DALI, chunks in flight for
-    turbo. ``shuffle_buffer``: each sample leaves the stream within this many positions of where reading the
-    shards in order would put it (0 or 1: no shuffling inside shards). ``max_bad_fraction``: the share of bad
-    samples (corrupt, missing labels, ...) that stops the run. ``decode_limit_pixels``: larger images are
-    skipped as decompression bombs.
+    decoding threads for DALI (at least 1). ``prefetch_batches``: batches prepared ahead, per worker for the
+    torch backend (DataLoader's ``prefetch_factor``), runs in flight for DALI. ``shuffle_buffer``: each sample
+    leaves the stream within this many positions of where reading the shards in order would put it (0 or 1: no
+    shuffling inside shards). ``max_bad_fraction``: the share of bad samples (corrupt, missing labels, ...) that
+    stops the run. ``decode_limit_pixels``: larger images are skipped as decompression bombs.
     """
 
     shards: str | list[str]

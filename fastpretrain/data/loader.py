@@ -57,10 +57,6 @@ def _make_decoder(cfg: DataConfig, table: SampleTable, device: torch.device, dty
         from fastpretrain.data.dali import DaliDecoder
 
         return DaliDecoder(cfg, table, device, dtype, train)
-    if backend == "turbo":
-        from fastpretrain.data.turbo import TurboDecoder
-
-        return TurboDecoder(cfg, table, device, dtype, train)
     from fastpretrain.data.torch_loader import TorchDecoder
 
     return TorchDecoder(cfg, table, device, dtype, train)

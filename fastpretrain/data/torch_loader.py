@@ -1,17 +1,20 @@
 """The torch backend: torchvision's decoders, an antialiased resized crop, flip, normalize.
 
 On a CPU device, DataLoader worker processes read, check, decode and crop whole chunks, and hand back
-(k, S, S, 3) uint8 crops; the training process only normalizes. On a CUDA device the workers read and
-check, and the training process decodes each chunk's JPEGs with one batched ``decode_jpeg(device="cuda")``
-(nvJPEG) and crops on the GPU, so pixels never cross PCIe at full size.
+(k, S, S, 3) uint8 crops; the training process only normalizes. A plain JPEG is decoded in its crop box only
+(``decode_box``: libjpeg-turbo through ``csrc/jpeg_region.cpp``, the same pixels as the box of torchvision's full
+decode); other images, or every image where the extension cannot be built, through torchvision's ``decode_image``.
+On a CUDA device the workers read and check, and the training process decodes each chunk's JPEGs with one
+batched ``decode_jpeg(device="cuda")`` (nvJPEG) and crops on the GPU, so pixels never cross PCIe at full size.
 
-Where the CPU time goes (per 500x375 JPEG to a 224 crop, one core): decode 0.9 ms, resize 0.24, normalize
-0.1-0.2 (mostly writing fresh memory), header check 0.05. In process (``workers=0``) the whole costs ~1.36 ms;
-through worker processes ~1.7-1.8 ms of CPU in all: the crops' shared memory is created, mapped and faulted
-in per chunk on both sides, and three processes share the cores. Resampling a strided crop view used to cost
-more than that (torch's vectorized uint8 antialiased path wants channels-last contiguous input; on the view it
-fell back and returned NCHW, whose HWC store was a strided copy: 0.42 -> 0.24 ms), and the workers no longer
-pickle the JPEG bytes back (~2 MB per chunk of 32).
+Where the CPU time goes (per 500x375 JPEG to a 224 crop, one core, in process): region decode 0.70 ms (full decode
+0.9), resize 0.17-0.24, normalize 0.1 (mostly writing fresh memory), read and header check 0.06; ~1.05 ms in all.
+Through worker processes ~1.3 ms of CPU (1.6-1.8 with full decodes): the crops' shared memory is created, mapped
+and faulted in per chunk on both sides, and three processes share the cores. Finishing (normalizing) in the
+workers instead was tried: 1.7 ms, as float32 crops are 4x the shared memory. Resampling a strided crop view used
+to cost more (torch's vectorized uint8 antialiased path wants channels-last contiguous input; on the view it fell
+back and returned NCHW, whose HWC store was a strided copy: 0.42 -> 0.24 ms), and the workers no longer pickle
+the JPEG bytes back (~2 MB per chunk of 32).
 
 Crop boxes come from ``decode.prepare_chunk``, shared with the DALI backend, so both cut the same regions.
 """
@@ -30,7 +33,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from fastpretrain.data.config import DataConfig
-from fastpretrain.data.decode import CropSpec, PreparedChunk, prepare_chunk
+from fastpretrain.cpp_extension import extension_or_none
+from fastpretrain.data.decode import CropSpec, ImageInfo, PreparedChunk, prepare_chunk
 from fastpretrain.data.shards import MemberReader
 from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleTable
 
@@ -144,6 +148,26 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     return decode_image(_as_tensor(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
 
 
+def region_decoder():
+    """The C++ region decoder (``csrc/jpeg_region.cpp``), or None after one warning where it cannot be built (it
+    needs libjpeg-turbo's headers): then boxes are cut from torchvision's full decode, the same pixels, slower."""
+    return extension_or_none("jpeg", "torchvision's full decode for every crop")
+
+
+def decode_box(data: bytes, info: ImageInfo, left: int, top: int, width: int, height: int) -> tuple[torch.Tensor, int, int]:
+    """The pixels to crop a box from on the CPU, (3, H, W) uint8, and the box's (left, top) in them.
+
+    A plain JPEG (upright, not CMYK) is decoded in the box's region only, which equals that box of the full decode;
+    anything else (PNG, WebP, CMYK, EXIF-turned) is decoded whole. RuntimeError if the data does not decode.
+    """
+    jpeg = region_decoder() if info.format == "JPEG" and info.orientation == 1 else None
+    if jpeg is not None:
+        region = jpeg.decode_region(data, left, top, width, height)  # (h, w, 3); empty: CMYK or YCCK
+        if region.numel():
+            return region.permute(2, 0, 1), 0, 0
+    return decode_rgb(data), left, top
+
+
 @dataclass
 class WorkerOutput:
     """A chunk from a worker: the prepared chunk, and its crops (k, S, S, 3) uint8 when decoded on the CPU."""
@@ -174,13 +198,13 @@ class ChunkReader(Dataset):
         failed: dict[int, str] = {}
         boxes = prepared.boxes
         for i, data in enumerate(prepared.encoded):
+            width, height = int(boxes.width[i]), int(boxes.height[i])
             try:
-                image = decode_rgb(data)
+                image, left, top = decode_box(data, prepared.infos[i], int(boxes.left[i]), int(boxes.top[i]), width, height)
             except Exception as e:  # noqa: BLE001 - whatever the decoder throws, the sample is skipped
                 failed[i] = str(e).splitlines()[-1]
                 continue
-            crop_resize_into(pixels[i - len(failed)], image, int(boxes.left[i]), int(boxes.top[i]), int(boxes.width[i]),
-                             int(boxes.height[i]), bool(boxes.flip[i]))
+            crop_resize_into(pixels[i - len(failed)], image, left, top, width, height, bool(boxes.flip[i]))
         kept = prepared.drop(failed, "decode_error")
         # The training process needs no JPEG bytes back (about 2 MB less to pickle per chunk of 32).
         return WorkerOutput(replace(kept, encoded=[]), pixels[: len(kept)])
@@ -198,6 +222,8 @@ class TorchDecoder:
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         self.chunk_reader = ChunkReader(table, CropSpec.from_config(cfg, train), decode=not self.on_gpu)
+        if not self.on_gpu:
+            region_decoder()  # built (or its absence warned about) here, once, not in each worker process
         self.normalize = Normalizer(cfg, self.device, dtype)
 
     def decode(self, chunks: Iterator[PlanChunk]) -> Iterator[DecodedChunk]:
