@@ -193,13 +193,15 @@ def test_train_batches_are_full_labelled_and_cover_each_epoch(tmp_path, rng, bac
     loader.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_half_precision_batches(tmp_path, rng, backend):
+def test_half_precision_batches(tmp_path, rng, backend, device):
     corpus = make_corpus(tmp_path, rng, shards=1)
-    loaders = {dtype: build_train_loader(corpus.config(backend=backend), corpus.vocab, CPU, dtype, rank=0, world_size=1)
+    loaders = {dtype: build_train_loader(corpus.config(backend=backend), corpus.vocab, device, dtype, rank=0,
+                                         world_size=1)
                for dtype in (torch.bfloat16, torch.float32)}
     half = next(loaders[torch.bfloat16])
-    check_batch(half, corpus, 16, 5, dtype=torch.bfloat16)
+    check_batch(half, corpus, 16, 5, dtype=torch.bfloat16, device=device)
     # Normalized in float32 and rounded once: the float32 batch of the same run, rounded.
     assert torch.equal(half.images, next(loaders[torch.float32]).images.to(torch.bfloat16))
     for loader in loaders.values():

@@ -20,8 +20,9 @@ draws the boxes of the uninterrupted one (DALI's generator state cannot be saved
 bytes come from our stream (resampling copies, rank split, exact position) through ``external_source``, not
 from ``fn.readers.webdataset``; the stream reads them by the offsets of the same ``wds2idx`` index files.
 
-DALI has no bfloat16: for bf16 training the GPU pipeline emits fp16 (normalized pixels are well within its
-range) and torch casts on the device.
+DALI has no bfloat16: for bf16 training the GPU pipeline emits float32 and torch rounds it to bf16 on the device,
+once (through fp16 it would be rounded twice); a batch of 256 at 224 is 154 MB instead of 77, ~0.03 ms more of
+an H200's memory bandwidth.
 
 A decode error fails a whole DALI batch. ``probe_image`` rejects what would fail (non-images, truncation,
 bombs) before feeding; if a batch still fails, the pipeline is rebuilt and the batch decoded one image at a
@@ -119,7 +120,7 @@ class DaliDecoder:
         self.dtype = dtype
         self.spec = CropSpec.from_config(cfg, train)
         self.reader = MemberReader(table.paths)
-        self.half = dtype in (torch.float16, torch.bfloat16)
+        self.half = dtype == torch.float16
         self.finish = CropFinisher(cfg, dtype)
         self.device_id = None
         if self.device.type == "cuda":

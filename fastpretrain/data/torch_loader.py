@@ -1,7 +1,7 @@
 """The torch backend: torchvision's decoders, an antialiased resized crop, flip, normalize.
 
-On a CPU device, DataLoader worker processes read, check, decode and crop whole chunks, and hand back
-(k, S, S, 3) uint8 crops; the training process only normalizes. A plain JPEG is decoded in its crop box only
+On a CPU device, DataLoader worker processes read, check, decode and crop whole chunks into shared (k, S, S, 3)
+uint8 slots; the training process only normalizes. A plain JPEG is decoded in its crop box only
 (``decode_box``: libjpeg-turbo through ``csrc/jpeg_region.cpp``, the same pixels as the box of torchvision's full
 decode); other images, or every image where the extension cannot be built, through torchvision's ``decode_image``.
 On a CUDA device the workers read and check, and the training process decodes each chunk's JPEGs with one
@@ -9,12 +9,13 @@ batched ``decode_jpeg(device="cuda")`` (nvJPEG) and crops on the GPU, so pixels 
 
 Where the CPU time goes (per 500x375 JPEG to a 224 crop, one core, in process): region decode 0.70 ms (full decode
 0.9), resize 0.17-0.24, normalize 0.1 (mostly writing fresh memory), read and header check 0.06; ~1.05 ms in all.
-Through worker processes ~1.3 ms of CPU (1.6-1.8 with full decodes): the crops' shared memory is created, mapped
-and faulted in per chunk on both sides, and three processes share the cores. Finishing (normalizing) in the
-workers instead was tried: 1.7 ms, as float32 crops are 4x the shared memory. Resampling a strided crop view used
-to cost more (torch's vectorized uint8 antialiased path wants channels-last contiguous input; on the view it fell
-back and returned NCHW, whose HWC store was a strided copy: 0.42 -> 0.24 ms), and the workers no longer pickle
-the JPEG bytes back (~2 MB per chunk of 32).
+Through 2 worker processes, 1.1-1.25 ms of CPU per image. It was 1.3-1.4 while each chunk's crops came back as a
+fresh tensor: a shared-memory segment made, copied into, mapped and faulted in on both sides, per chunk; the
+workers now write into a ring of slots shared once per pass (``ChunkReader``). Finishing (normalizing) in the
+workers was tried too: 1.7 ms, as float32 crops are 4x the shared memory. Resampling a strided crop view used to
+cost more (torch's vectorized uint8 antialiased path wants channels-last contiguous input; on the view it fell
+back and returned NCHW, whose HWC store was a strided copy: 0.42 -> 0.24 ms), and the workers do not pickle the
+JPEG bytes back (~2 MB per chunk of 32).
 
 Crop boxes come from ``decode.prepare_chunk``, shared with the DALI backend, so both cut the same regions.
 """
@@ -170,31 +171,36 @@ def decode_box(data: bytes, info: ImageInfo, left: int, top: int, width: int, he
 
 @dataclass
 class WorkerOutput:
-    """A chunk from a worker: the prepared chunk, and its crops (k, S, S, 3) uint8 when decoded on the CPU."""
+    """A chunk from a worker: the prepared chunk, and the ring slot holding its crops when decoded on the CPU."""
 
     prepared: PreparedChunk
-    pixels: torch.Tensor | None
-
-    def pin_memory(self) -> WorkerOutput:
-        # DataLoader's pin_memory thread calls this on custom batch types.
-        return WorkerOutput(self.prepared, None if self.pixels is None else self.pixels.pin_memory())
+    slot: int | None
 
 
 class ChunkReader(Dataset):
-    """Indexed by PlanChunk: reads and checks its images and, unless ``decode`` is off, decodes and crops them."""
+    """Indexed by (sequence number, PlanChunk): reads and checks the chunk's images and, given a ``ring``, decodes
+    and crops them into slot ``sequence % len(ring)`` of it.
 
-    def __init__(self, table: SampleTable, spec: CropSpec, decode: bool) -> None:
+    The ring, (slots, chunk size, S, S, 3) uint8 in shared memory, is made once per pass, before its worker
+    processes start: crops returned as a fresh tensor cost, per chunk, a shared-memory segment, a copy into it and
+    page faults on both sides (~0.2 ms per 224 crop on 2 cores). A slot is safe to reuse once the training process
+    has normalized its chunk: ``slots`` must exceed the chunks a DataLoader keeps in flight (it asks for the next
+    one before handing out the current one).
+    """
+
+    def __init__(self, table: SampleTable, spec: CropSpec, ring: torch.Tensor | None) -> None:
         self.table = table
         self.spec = spec
-        self.decode = decode
+        self.ring = ring
         self.reader = MemberReader(table.paths)
 
-    def __getitem__(self, chunk: PlanChunk) -> WorkerOutput:
+    def __getitem__(self, item: tuple[int, PlanChunk]) -> WorkerOutput:
+        sequence, chunk = item
         prepared = prepare_chunk(chunk, self.table, self.reader, self.spec)
-        if not self.decode:
+        if self.ring is None:
             return WorkerOutput(prepared, None)
-        size = self.spec.image_size
-        pixels = torch.empty((len(prepared), size, size, 3), dtype=torch.uint8)  # (k, S, S, 3)
+        slot = sequence % len(self.ring)
+        pixels = self.ring[slot]  # (chunk size, S, S, 3)
         failed: dict[int, str] = {}
         boxes = prepared.boxes
         for i, data in enumerate(prepared.encoded):
@@ -207,7 +213,7 @@ class ChunkReader(Dataset):
             crop_resize_into(pixels[i - len(failed)], image, left, top, width, height, bool(boxes.flip[i]))
         kept = prepared.drop(failed, "decode_error")
         # The training process needs no JPEG bytes back (about 2 MB less to pickle per chunk of 32).
-        return WorkerOutput(replace(kept, encoded=[]), pixels[: len(kept)])
+        return WorkerOutput(replace(kept, encoded=[]), slot)
 
 
 def _keep(output: WorkerOutput) -> WorkerOutput:
@@ -221,31 +227,43 @@ class TorchDecoder:
         self.cfg = cfg
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
-        self.chunk_reader = ChunkReader(table, CropSpec.from_config(cfg, train), decode=not self.on_gpu)
+        self.table = table
+        self.spec = CropSpec.from_config(cfg, train)
         if not self.on_gpu:
             region_decoder()  # built (or its absence warned about) here, once, not in each worker process
         self.normalize = Normalizer(cfg, self.device, dtype)
 
+    def _ring(self) -> torch.Tensor | None:
+        """A pass's crop slots (see ChunkReader): one more than the DataLoader keeps in flight, and one to spare."""
+        if self.on_gpu:
+            return None
+        slots, size = self.cfg.workers * self.cfg.prefetch_batches + 2, self.cfg.image_size
+        return torch.empty((slots, self.cfg.batch_size, size, size, 3), dtype=torch.uint8).share_memory_()
+
     def decode(self, chunks: Iterator[PlanChunk]) -> Iterator[DecodedChunk]:
-        """Decoded chunks in the order of ``chunks``."""
+        """Decoded chunks in the order of ``chunks`` (each at most ``batch_size`` samples long)."""
+        reader = ChunkReader(self.table, self.spec, self._ring())  # its own slots: passes never share them
+        numbered = enumerate(chunks)  # the sequence numbers pick the slots
         if self.cfg.workers == 0:
-            outputs: Iterator[WorkerOutput] = map(self.chunk_reader.__getitem__, chunks)
+            outputs: Iterator[WorkerOutput] = map(reader.__getitem__, numbered)
         else:
             outputs = iter(DataLoader(
-                self.chunk_reader, batch_size=None, sampler=chunks, num_workers=self.cfg.workers,
+                reader, batch_size=None, sampler=numbered, num_workers=self.cfg.workers,
                 collate_fn=_keep, pin_memory=self.on_gpu, prefetch_factor=self.cfg.prefetch_batches,
             ))
         try:
             for output in outputs:
-                yield self._finish(output)
+                yield self._finish(output, reader.ring)
         finally:
             # The last reference: the DataLoader iterator shuts its workers down now, not at garbage collection.
             del outputs
 
-    def _finish(self, output: WorkerOutput) -> DecodedChunk:
-        prepared, pixels = output.prepared, output.pixels
-        if pixels is None:
+    def _finish(self, output: WorkerOutput, ring: torch.Tensor | None) -> DecodedChunk:
+        prepared = output.prepared
+        if output.slot is None:
             prepared, pixels = self._decode_on_gpu(prepared)
+        else:  # normalizing copies the crops out of the slot, which a worker may then fill again
+            pixels = ring[output.slot, : len(prepared)]
         return DecodedChunk(prepared.epoch, prepared.positions, prepared.samples, self.normalize(pixels), prepared.bad)
 
     def _decode_on_gpu(self, prepared: PreparedChunk) -> tuple[PreparedChunk, torch.Tensor]:
@@ -258,8 +276,13 @@ class TorchDecoder:
                 batch = decode_jpeg([_as_tensor(prepared.encoded[i]) for i in jpegs], mode=ImageReadMode.RGB,
                                     device=self.device)
                 decoded.update(zip(jpegs, batch))
-            except RuntimeError:
-                pass  # one bad image fails the whole batched call: the loop below decodes one by one
+            except RuntimeError:  # one bad image fails the whole batched call: nvJPEG again, image by image
+                for i in jpegs:
+                    try:
+                        decoded[i] = decode_jpeg(_as_tensor(prepared.encoded[i]), mode=ImageReadMode.RGB,
+                                                 device=self.device)
+                    except RuntimeError:
+                        pass  # left to the CPU decoder below
         for i, data in enumerate(prepared.encoded):
             if i in decoded:
                 decoded[i] = apply_orientation(decoded[i], prepared.infos[i].orientation)
