@@ -54,10 +54,14 @@ DALI's CPU path at 2.17-2.19x in the same runs (its own libjpeg-turbo region dec
 tried: the same region decode on threads of the training process as a third backend (slice of a chunk per thread,
 as DALI's CPU path): 1.24-1.30 ms per image, no faster than DALI, and GIL-bound on small pictures (1.5-1.7x on
 the demo case against 2.4x for worker processes): dropped.
-Both targets stay out of reach on these cores: 2.5x needs ~1.15 ms per image where the in-process floor (region
-decode 0.70, resize 0.17, normalize 0.09, read and header check 0.06) is already 1.05 before any parallel
-overhead, and matching the decode-only rate would need the decode, resize and normalize of a crop to cost less
-than a full decode (0.885 ms under the same load).
+That left ~0.25-0.35 ms per image between the in-process floor (region decode 0.70, resize 0.17, normalize 0.09,
+read and header check 0.06: 1.05 ms) and the worker processes. Found: each chunk's crops came back as a fresh
+tensor, moved into a new shared-memory segment (a copy) and mapped and faulted in on both sides. Predicted from
+the size (4.8 MB and ~2,400 page faults per chunk of 32): ~0.1-0.2 ms per image. Workers now write into a ring
+of shared slots made once per pass. Measured (four runs, bench/results/cpu-2core-2026-11-29-ring.json): 1.09-1.25
+ms per image, 1629-1811 img/s, 2.4-2.7x the baseline (median 2.6x), 0.74-0.82 of the decode-only rate.
+Not reachable on these cores: the decode-only rate, which needs the decode, resize and normalize of a crop to
+cost less than a full decode (0.885 ms under the same load) where the region decode alone costs 0.70.
 
 Fairness: every candidate runs on the same 2 cores (2 worker processes; 2 DALI decoding threads and 2 torch
 resizing threads; 2 decode threads; intra-op threads 1), warmed up first, timed in turn round after round and compared by medians of one run.
