@@ -34,7 +34,6 @@ from types import ModuleType
 import torch
 
 
-
 @dataclass(frozen=True)
 class _Extension:
     sources: tuple[str, ...]
