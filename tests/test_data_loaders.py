@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import logging
 import math
 import tarfile
@@ -621,6 +622,29 @@ def test_cpu_crops_are_the_same_with_the_region_decoder_or_without(tmp_path, rng
         whole = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1))
     assert len([w for w in caught if "falling back" in str(w.message)]) == 1
     assert torch.equal(with_region.images, whole.images) and torch.equal(with_region.labels, whole.labels)
+
+
+def test_too_little_shared_memory_is_a_one_line_user_error(tmp_path, rng, monkeypatch):
+    """The CPU workers' crop slots: (workers x prefetch + 2) chunks of (batch, S, S, 3) bytes, worked out here."""
+    corpus = make_corpus(tmp_path, rng, shards=1)
+    cfg = corpus.config(backend="torch", workers=2, prefetch_batches=2, batch_size=5, image_size=16)
+    needed = (2 * 2 + 2) * 5 * 16 * 16 * 3
+    real_statvfs = torch_loader.os.statvfs
+    for free, refused in ((needed - 1, True), (needed, False)):
+        def statvfs(path, free=free):
+            stats = real_statvfs(path)
+            return os.statvfs_result((stats.f_bsize, 1, stats.f_blocks, free, free) + tuple(stats)[5:])
+
+        monkeypatch.setattr(torch_loader.os, "statvfs", statvfs)
+        loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+        if refused:
+            message = (f"needs {needed / 2**20:.3g} MiB of shared memory for its crops and /dev/shm has "
+                       f"{free / 2**20:.3g} MiB free: .* lower --workers or --batch-size$")
+            with pytest.raises(UserError, match=message):
+                next(loader)
+        else:
+            next(loader)
+        loader.close()
 
 
 def test_gather_rows_against_a_loop(rng):

@@ -22,10 +22,12 @@ Crop boxes come from ``decode.prepare_chunk``, shared with the DALI backend, so 
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +35,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from fastpretrain.data.config import DataConfig
 from fastpretrain.cpp_extension import extension_or_none
+from fastpretrain.data.config import DataConfig
 from fastpretrain.data.decode import CropSpec, ImageInfo, PreparedChunk, prepare_chunk
 from fastpretrain.data.shards import MemberReader
 from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleTable
+from fastpretrain.errors import UserError
+
+SHARED_MEMORY = Path("/dev/shm")  # where torch's shared tensors live on Linux
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, on every call; the issue asks for
 # torchvision's decode_jpeg, and the warning would repeat for every image.
@@ -216,6 +221,19 @@ class ChunkReader(Dataset):
         return WorkerOutput(replace(kept, encoded=[]), slot)
 
 
+def _check_shared_memory(needed: int) -> None:
+    """UserError if /dev/shm has less than ``needed`` bytes free: the ring would be made, and a worker killed by
+    SIGBUS when it first wrote past the free space (Docker gives containers 64 MB unless told otherwise)."""
+    if not SHARED_MEMORY.is_dir():
+        return  # not Linux: torch shares memory another way
+    stats = os.statvfs(SHARED_MEMORY)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed:
+        raise UserError(f"the torch data backend needs {needed / 2**20:.3g} MiB of shared memory for its crops and "
+                        f"{SHARED_MEMORY} has {free / 2**20:.3g} MiB free: give it more (docker run --shm-size=...), "
+                        "or lower --workers or --batch-size")
+
+
 def _keep(output: WorkerOutput) -> WorkerOutput:
     return output
 
@@ -238,6 +256,7 @@ class TorchDecoder:
         if self.on_gpu:
             return None
         slots, size = self.cfg.workers * self.cfg.prefetch_batches + 2, self.cfg.image_size
+        _check_shared_memory(slots * self.cfg.batch_size * size * size * 3)
         return torch.empty((slots, self.cfg.batch_size, size, size, 3), dtype=torch.uint8).share_memory_()
 
     def decode(self, chunks: Iterator[PlanChunk]) -> Iterator[DecodedChunk]:
