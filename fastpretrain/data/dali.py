@@ -9,9 +9,8 @@ One pipeline per loader; on a GPU::
 
 Without a GPU the pipeline stops after ``fn.decoders.image_slice`` (libjpeg-turbo on DALI's CPU threads) and
 torch resizes, mirrors and normalizes each crop on threads of its own (``torch_loader.CropFinisher``) while
-DALI decodes the next batches: DALI's CPU resize costs ~0.9 ms per 224 crop, torch's
-vectorized uint8 resampler ~0.24 ms, and the region decode (~0.8 ms) already costs less than the full decode
-(~0.9 ms).
+DALI decodes the next batches: DALI's CPU resize costs ~0.9 ms per 224 crop, torch's vectorized uint8 resampler
+~0.24 ms, and the region decode (~0.8 ms) already costs less than the full decode (~0.9 ms).
 
 ``image_slice`` with a box decodes only that region, as ``fn.decoders.image_random_crop`` does; the box
 comes from ``decode.prepare_chunk`` (torchvision's RandomResizedCrop rule, drawn from the sample's position)
