@@ -263,9 +263,11 @@ def _fingerprint(table: SampleTable) -> str:
 def _open(cfg: DataConfig, vocab: Vocab, paths: list[Path]) -> tuple[SampleTable, SkipLog]:
     table, static_skips = load_table(paths, cfg.labels_dir, vocab.content_hash)
     # Checked once here, where the batches come from: the CUDA loss reads labels without a per-step check.
-    if table.labels.size and int(table.labels.max()) >= len(vocab):
-        shard = table.paths[int(table.shard_of[np.searchsorted(table.label_offsets, table.labels.argmax(), "right") - 1])]
-        raise DataError(f"label index of {shard.name} names class {int(table.labels.max())}, "
+    highest = int(table.labels.argmax()) if table.labels.size else None  # position of the largest class id
+    if highest is not None and int(table.labels[highest]) >= len(vocab):
+        sample = np.searchsorted(table.label_offsets, highest, "right") - 1  # the CSR row holding that position
+        shard = table.paths[int(table.shard_of[sample])]
+        raise DataError(f"label index of {shard.name} names class {int(table.labels[highest])}, "
                         f"but the vocabulary has {len(vocab)} classes: rebuild it with `fastpretrain vocab label`")
     lost = sum(s.count for s in static_skips if s.reason in ("unreadable_shard", "missing_in_shard"))
     skips = SkipLog(paths, len(table) + lost, cfg.max_bad_fraction)
