@@ -84,10 +84,10 @@ import torch
 from PIL import Image
 
 from fastpretrain.data import DataConfig, build_train_loader
-from fastpretrain.data.shards import ShardWriter, iter_shard
+from fastpretrain.formats.shards import ShardWriter, iter_shard
 from fastpretrain.data.synth import make_post, write_demo_corpus
-from fastpretrain.hashtags.labels import LabelIndex, label_index_path
-from fastpretrain.hashtags.vocab import Vocab, VocabClass
+from fastpretrain.formats.labels import LabelIndex, label_index_path
+from fastpretrain.formats.vocab import Vocab, VocabClass
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -257,7 +257,7 @@ def _steady_medians(candidates: dict, rounds: int, settle_s: float) -> tuple[dic
 def _measure(benchmark, corpora, backend: str, corpus: str, size: int, device: torch.device = torch.device("cpu"),
              batch: int = BATCH, workers: int = WORKERS, dtype: torch.dtype = torch.float32) -> None:
     root = corpora["root"]
-    cfg = DataConfig(shards=str(root / corpus), labels_dir=str(root / f"{corpus}-labels"), backend=backend,
+    cfg = DataConfig(shards=str(root / corpus), label_dir=str(root / f"{corpus}-labels"), backend=backend,
                      batch_size=batch, image_size=size, workers=workers, resample="natural", seed=1)
     ours = build_train_loader(cfg, _vocab(), device, dtype, rank=0, world_size=1)
     baseline = _baseline(root / f"{corpus}-folder", size, batch, workers, device)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from fastpretrain.data.shards import ShardWriter
+from fastpretrain.formats.shards import ShardWriter
 from fastpretrain.hashtags.canonical import Canonicalizer, hashtag_key
 from fastpretrain.hashtags.sources import InputStats, iter_posts
 from fastpretrain.hashtags.build import VocabBuildConfig, build_vocab
@@ -236,7 +236,7 @@ def _fresh_process(program: str) -> None:
 
 @pytest.mark.benchmark(group="warm-start")
 def test_import_only_baseline(benchmark, canonicalizer):
-    benchmark.pedantic(_fresh_process, args=("import fastpretrain.hashtags.vocab",), rounds=3, iterations=1)
+    benchmark.pedantic(_fresh_process, args=("import fastpretrain.formats.vocab",), rounds=3, iterations=1)
     _record(benchmark, "import_only", 1, "starts")
 
 

@@ -1,1 +1,1 @@
-"""C++ (and optional CUDA) sources of fastpretrain, shipped as package data and built on first use."""
+"""C++ sources of fastpretrain, shipped as package data and built on first use."""

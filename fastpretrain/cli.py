@@ -13,6 +13,7 @@ from fastpretrain.data import commands as data_commands
 from fastpretrain.hashtags import commands as hashtag_commands
 from fastpretrain.train import commands as train_commands
 from fastpretrain.errors import UserError
+from fastpretrain.log import setup_logging
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         return args.func(args) or 0
     except UserError as e:

@@ -23,7 +23,6 @@ import logging
 import re
 import sys
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from fastpretrain.log import log_once
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ _CAPABILITY_FLAGS = {
 _lock = threading.Lock()
 _modules: dict[str, ModuleType] = {}
 _failures: dict[str, str] = {}  # extension -> why it cannot be built, kept for the rest of the process
-_warned: set[str] = set()
+log = logging.getLogger(__name__)
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -169,7 +170,5 @@ def extension_or_none(kind: str, fallback: str) -> ModuleType | None:
     try:
         return load_extension(kind)
     except ExtensionUnavailable as error:
-        if kind not in _warned:
-            _warned.add(kind)
-            warnings.warn(f"{error}; falling back to {fallback}", RuntimeWarning, stacklevel=2)
+        log_once(log, logging.WARNING, f"{error}; falling back to {fallback}")
         return None

@@ -7,13 +7,16 @@ Also home of the ``fastpretrain synth`` command, which writes such a corpus wher
 
 from __future__ import annotations
 
-import os
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastpretrain.data.synth import write_demo_corpus
+from fastpretrain.formats.files import cache_root
+
+log = logging.getLogger(__name__)
 
 CORPUS_VERSION = 2  # bump when synth.py draws differently, so stale caches are not reused
 VAL_IMAGES = 1000
@@ -22,18 +25,14 @@ VAL_IMAGES = 1000
 @dataclass(frozen=True)
 class DemoPaths:
     train: Path
-    labels: Path
+    label_dir: Path
     vocab: Path
     val: Path
-    val_labels: Path
+    val_label_dir: Path
 
     @classmethod
     def under(cls, root: Path) -> "DemoPaths":
         return cls(root / "train", root / "labels", root / "vocab.json", root / "val", root / "val-labels")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FASTPRETRAIN_CACHE", Path.home() / ".cache" / "fastpretrain"))
 
 
 def prepare_demo(images: int, seed: int = 0, workers: int = 2) -> DemoPaths:
@@ -41,7 +40,8 @@ def prepare_demo(images: int, seed: int = 0, workers: int = 2) -> DemoPaths:
 
     Built in a temporary folder and renamed into place, so an interrupted build never leaves a half corpus.
     """
-    from fastpretrain.hashtags import Vocab, VocabBuildConfig, build_vocab, write_label_indexes
+    from fastpretrain.formats.vocab import Vocab
+    from fastpretrain.hashtags import VocabBuildConfig, build_vocab, write_label_indexes
 
     root = cache_root() / "demo" / f"v{CORPUS_VERSION}-n{images}-s{seed}"
     if (root / "vocab.json").is_file():
@@ -50,12 +50,12 @@ def prepare_demo(images: int, seed: int = 0, workers: int = 2) -> DemoPaths:
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:
         paths = DemoPaths.under(tmp)
-        print(f"demo: writing {images} + {VAL_IMAGES} synthetic posts into {root}", flush=True)
+        log.info("demo: writing %d + %d synthetic posts into %s", images, VAL_IMAGES, root)
         write_demo_corpus(paths.train, images, seed=seed)
         write_demo_corpus(paths.val, VAL_IMAGES, seed=seed + 1)  # another seed: other pictures, same distribution
-        build_vocab(VocabBuildConfig(data=[str(paths.train)], out=str(paths.vocab), labels_dir=str(paths.labels),
+        build_vocab(VocabBuildConfig(data=[str(paths.train)], out=str(paths.vocab), label_dir=str(paths.label_dir),
                                      workers=workers))
-        write_label_indexes([str(paths.val)], Vocab.load(paths.vocab), paths.val_labels, workers=workers)
+        write_label_indexes([str(paths.val)], Vocab.load(paths.vocab), paths.val_label_dir, workers=workers)
         try:
             tmp.rename(root)
         except OSError:  # another process finished first: use its corpus

@@ -21,8 +21,8 @@ Backends (a registry, so tests and benchmarks iterate over what is registered):
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from fastpretrain.log import log_once
+
+log = logging.getLogger(__name__)
 
 REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -277,19 +281,12 @@ register_backend(LossBackend("triton", _triton_forward, _triton_cannot_run, scal
 register_backend(LossBackend("cpp", _cpp_forward, _cpp_cannot_run, scales_in_place_on_cuda=False))
 register_backend(LossBackend("torch", _torch_forward, _torch_cannot_run, scales_in_place_on_cuda=False))
 
-_warned_fallback = False
-
-
 def _fallback_to_torch(reason: str) -> LossBackend:
-    global _warned_fallback
-    if not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(f"hashtag_cross_entropy: {reason}; using the plain PyTorch implementation", RuntimeWarning,
-                      stacklevel=4)
+    log_once(log, logging.WARNING, f"hashtag_cross_entropy: {reason}; using the plain PyTorch implementation")
     return BACKENDS["torch"]
 
 
-def resolve_backend(name: str, logits: torch.Tensor) -> LossBackend:
+def resolve_loss_backend(name: str, logits: torch.Tensor) -> LossBackend:
     """The backend that runs these logits: ``name`` itself (ValueError if it cannot), or auto's choice."""
     if name == "auto":
         if logits.device.type == "cpu":
@@ -426,7 +423,7 @@ def hashtag_cross_entropy(
     check_inputs(logits, labels, offsets, weights)
     if _should_check_values(validate, logits.device):
         check_target_values(labels, offsets, logits.shape[1], weights)
-    chosen = resolve_backend(backend, logits)
+    chosen = resolve_loss_backend(backend, logits)
     weights = None if weights is None else weights.contiguous()
     targets = SparseTargets(labels.contiguous(), offsets.contiguous(), weights)
     write_grad = logits.requires_grad and torch.is_grad_enabled()

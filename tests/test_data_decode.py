@@ -12,17 +12,11 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
-from fastpretrain.data.decode import (
-    BadImage,
-    center_boxes,
-    eval_resize_size,
-    probe_image,
-    random_resized_boxes,
-    sample_uniforms,
-)
-from fastpretrain.data.torch_loader import apply_orientation
+from fastpretrain.data.decoders.boxes import center_boxes, eval_resize_size, random_resized_boxes, sample_uniforms
+from fastpretrain.data.decoders.common import BadImage, probe_image
+from fastpretrain.data.decoders.torch import apply_orientation
 
-# torchvision 0.29 deprecates its codecs on every call; the issue asks for them (see torch_loader).
+# torchvision 0.29 deprecates its codecs on every call; the backend silences it around its own decoding only.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 

@@ -23,15 +23,17 @@ import torch
 from PIL import Image, ImageOps
 
 from fastpretrain import cpp_extension
-from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader, torch_loader
+from fastpretrain import log as fastpretrain_log
+from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader
+from fastpretrain.data.decoders import resolve_data_backend
+from fastpretrain.data.decoders import torch as torch_decoder
 from fastpretrain.data.config import IMAGENET_MEAN, IMAGENET_STD
-from fastpretrain.data.decode import random_resized_boxes, sample_uniforms
-from fastpretrain.data.shards import ShardWriter
-from fastpretrain.data.loader import resolve_backend
+from fastpretrain.data.decoders.boxes import random_resized_boxes, sample_uniforms
+from fastpretrain.formats.shards import ShardWriter
 from fastpretrain.data.stream import gather_rows
 from fastpretrain.errors import DataError, UserError
-from fastpretrain.hashtags.labels import LabelIndex, label_index_path
-from fastpretrain.hashtags.vocab import Vocab, VocabClass
+from fastpretrain.formats.labels import LabelIndex, label_index_path
+from fastpretrain.formats.vocab import Vocab, VocabClass
 from stats import binomial_range
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -98,7 +100,7 @@ class Corpus:
         return [k for k in self.order if self.rows.get(k) and k in decodable]
 
     def config(self, **overrides) -> DataConfig:
-        settings = dict(shards=str(self.shards), labels_dir=str(self.labels), batch_size=5, image_size=16,
+        settings = dict(shards=str(self.shards), label_dir=str(self.labels), batch_size=5, image_size=16,
                         workers=0, shuffle_buffer=8, resample="natural", seed=self.seed)
         settings.update(overrides)
         return DataConfig(**settings)
@@ -480,7 +482,7 @@ def test_dali_finished_graph_runs_on_the_cpu_like_pil(tmp_path, rng):
     """The GPU graph's resize, mirror and normalize (with their arguments), placed on DALI's CPU backend."""
     if "dali" not in BACKENDS:
         pytest.skip("DALI not installed")
-    from fastpretrain.data.dali import image_pipeline
+    from fastpretrain.data.decoders.dali import image_pipeline
 
     count, size = 8, 24
     corpus = photo_corpus(tmp_path, rng, count=count)
@@ -517,7 +519,7 @@ def test_dali_gpu_pipeline_definition():
         pytest.skip("DALI not installed")
     from nvidia.dali import types
 
-    from fastpretrain.data.dali import GPU_DECODER_ARGS, image_pipeline
+    from fastpretrain.data.decoders.dali import GPU_DECODER_ARGS, image_pipeline
 
     pipe = image_pipeline(256, 8, 0, 224, IMAGENET_MEAN, IMAGENET_STD, half=True, hw_decoder_load=0.75)
     pipe._build_graph()  # DALI's own graph construction (what build() does before touching the device)
@@ -574,34 +576,32 @@ def test_missing_label_indexes_count_as_bad_samples(tmp_path, rng):
 @pytest.mark.parametrize("field, value", [
     ("backend", "opencv"), ("batch_size", 0), ("image_size", 4), ("workers", -1), ("shuffle_buffer", -1),
     ("resample", "log"), ("resample_t", 0.0), ("max_bad_fraction", 1.5), ("decode_limit_pixels", 0),
-    ("crop_scale", (0.5, 0.2)), ("crop_ratio", (0.0, 1.0)), ("seed", 1.5), ("shards", []), ("labels_dir", ""),
+    ("crop_scale", (0.5, 0.2)), ("crop_ratio", (0.0, 1.0)), ("seed", 1.5), ("shards", []), ("label_dir", ""),
 ])
 def test_config_names_the_bad_field(field, value):
-    settings = {"shards": "data/", "labels_dir": "labels/", field: value}
+    settings = {"shards": "data/", "label_dir": "labels/", field: value}
     with pytest.raises(UserError, match=f"data.{field}"):
         DataConfig(**settings)
 
 
-def test_auto_backend_is_dali_when_importable_and_says_why(caplog):
+def test_auto_backend_is_dali_when_importable_and_says_why(caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="fastpretrain.data")
-    from fastpretrain.data import loader
-
-    loader._LOGGED.clear()
-    choice = resolve_backend("auto")
-    resolve_backend("auto")
+    monkeypatch.setattr(fastpretrain_log, "_said", set())
+    choice = resolve_data_backend("auto")
+    resolve_data_backend("auto")
     assert choice == ("dali" if "dali" in BACKENDS else "torch")
     messages = [r.getMessage() for r in caplog.records if "data backend" in r.getMessage()]
     assert len(messages) == 1 and choice in messages[0] and "importable" in messages[0]
-    assert resolve_backend("torch") == "torch"
+    assert resolve_data_backend("torch") == "torch"
 
 
 def test_region_decoder_builds_where_libjpeg_is():
     if not JPEG_HEADERS:
         pytest.skip("no libjpeg-turbo headers on this machine")
-    assert hasattr(torch_loader.region_decoder(), "decode_region")
+    assert hasattr(torch_decoder.region_decoder(), "decode_region")
 
 
-def test_cpu_crops_are_the_same_with_the_region_decoder_or_without(tmp_path, rng, monkeypatch):
+def test_cpu_crops_are_the_same_with_the_region_decoder_or_without(tmp_path, rng, monkeypatch, caplog):
     """The torch backend on the CPU decodes plain JPEGs in the box's region only: the same pixels as the box of the
     full decode, so the batches are equal with the region decoder and without it (then: one warning, full decodes)."""
     if not JPEG_HEADERS:
@@ -609,18 +609,19 @@ def test_cpu_crops_are_the_same_with_the_region_decoder_or_without(tmp_path, rng
     corpus = photo_corpus(tmp_path, rng, count=12)  # some turned by EXIF: those are decoded whole either way
     cfg = corpus.config(backend="torch", batch_size=12, image_size=24)
     calls = []
-    decoder = torch_loader.region_decoder()
-    monkeypatch.setattr(torch_loader, "region_decoder", lambda: calls.append(1) or decoder)
+    decoder = torch_decoder.region_decoder()
+    monkeypatch.setattr(torch_decoder, "region_decoder", lambda: calls.append(1) or decoder)
     with_region = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1))
     assert len(calls) > 1  # once at start, then per upright JPEG (workers=0: in this process)
 
     monkeypatch.undo()
     monkeypatch.setattr(cpp_extension, "_modules", {})
     monkeypatch.setattr(cpp_extension, "_failures", {"jpeg": "cannot build the C++ extension: jpeglib.h not found"})
-    monkeypatch.setattr(cpp_extension, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="jpeglib.h not found; falling back to torchvision's full decode") as caught:
-        whole = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1))
-    assert len([w for w in caught if "falling back" in str(w.message)]) == 1
+    monkeypatch.setattr(fastpretrain_log, "_said", set())
+    caplog.set_level(logging.WARNING, logger="fastpretrain")
+    whole = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1))
+    warned = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(warned) == 1 and "jpeglib.h not found; falling back to torchvision's full decode" in warned[0], warned
     assert torch.equal(with_region.images, whole.images) and torch.equal(with_region.labels, whole.labels)
 
 
@@ -629,13 +630,13 @@ def test_too_little_shared_memory_is_a_one_line_user_error(tmp_path, rng, monkey
     corpus = make_corpus(tmp_path, rng, shards=1)
     cfg = corpus.config(backend="torch", workers=2, prefetch_batches=2, batch_size=5, image_size=16)
     needed = (2 * 2 + 2) * 5 * 16 * 16 * 3
-    real_statvfs = torch_loader.os.statvfs
+    real_statvfs = torch_decoder.os.statvfs
     for free, refused in ((needed - 1, True), (needed, False)):
         def statvfs(path, free=free):
             stats = real_statvfs(path)
             return os.statvfs_result((stats.f_bsize, 1, stats.f_blocks, free, free) + tuple(stats)[5:])
 
-        monkeypatch.setattr(torch_loader.os, "statvfs", statvfs)
+        monkeypatch.setattr(torch_decoder.os, "statvfs", statvfs)
         loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
         if refused:
             message = (f"needs {needed / 2**20:.3g} MiB of shared memory for its crops and /dev/shm has "

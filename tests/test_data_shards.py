@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fastpretrain.cli import main as cli_main
-from fastpretrain.data.shards import (
+from fastpretrain.formats.shards import (
     MemberReader,
     ShardWriter,
     expand_braces,

@@ -13,6 +13,7 @@ import pytest
 from nltk.corpus import wordnet as wn
 
 from fastpretrain.errors import UserError
+from fastpretrain.formats.files import CACHE_ENV
 from fastpretrain.hashtags import canonical, wordnet
 from fastpretrain.hashtags.canonical import Canonicalizer, hashtag_key
 
@@ -308,7 +309,7 @@ def test_table_matches_wordnet(rng):
 
 
 def test_cache_file_is_named_by_table_version_and_wordnet_fingerprint(monkeypatch, tmp_path):
-    monkeypatch.setenv(wordnet.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     location = wordnet.find_wordnet()
     path = wordnet._table_path(location)
     assert path.parent == tmp_path / "wordnet"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastpretrain.errors import DataError
-from fastpretrain.hashtags.labels import LabelIndex, label_index_path
+from fastpretrain.formats.labels import LabelIndex, label_index_path
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_load_corrupt_files_raise_data_error_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_saved_index_has_the_mode_a_plain_open_gives(tmp_path, umask):
-    from fastpretrain import files
+    from fastpretrain.formats import files
 
     files.shared_file_mode.cache_clear()  # the mode is read once per process: read it under this umask
     previous = os.umask(umask)

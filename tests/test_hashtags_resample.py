@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from fastpretrain.hashtags.labels import LabelIndex
+from fastpretrain.formats.labels import LabelIndex
 from fastpretrain.hashtags.resample import (
     RESAMPLE_MODES,
     class_replication,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fastpretrain.data.shards import ShardWriter, index_path_for
+from fastpretrain.formats import shards
+from fastpretrain.formats.shards import ShardWriter, index_path_for
 from fastpretrain.errors import UserError
 from fastpretrain.hashtags import sources
 from fastpretrain.hashtags.sources import InputStats, input_format, iter_posts, list_inputs
@@ -52,11 +53,11 @@ def write_shard(path: Path, samples, write_index: bool = False) -> Path:
     return path
 
 
-@pytest.mark.parametrize("indexed", [False, True])  # read whole, or only metadata members by the DALI index
+@pytest.mark.parametrize("indexed", [False, True])  # metadata members found by scanning, or by the DALI index
 def test_shard_posts_and_reasons(tmp_path, monkeypatch, indexed):
     shard = write_shard(tmp_path / "00000.tar", SHARD_SAMPLES, write_index=indexed)
-    if indexed:  # the index must be enough: reading the whole shard is not allowed
-        monkeypatch.setattr(sources, "iter_shard", None)
+    if indexed:  # the index file must be enough: scanning the shard is not allowed
+        monkeypatch.setattr(shards, "scan_shard", None)
     posts, stats = read(shard)
     assert [key for key, _ in posts] == [key for key, _, _ in SHARD_SAMPLES]  # every sample keeps its row
     assert [tags for _, tags in posts] == [expected or [] for _, _, expected in SHARD_SAMPLES]
@@ -76,7 +77,7 @@ def test_truncated_shard_gives_its_whole_samples_and_is_counted(tmp_path, monkey
     if index == "older-than-the-cut":  # e.g. copied with its index: times no longer tell
         stamp = cut.stat().st_mtime_ns
         os.utime(index_path_for(cut), ns=(stamp, stamp))
-        monkeypatch.setattr(sources, "iter_shard", None)
+        monkeypatch.setattr(shards, "scan_shard", None)
     posts, stats = read(cut)
     assert 0 < len(posts) < len(SHARD_SAMPLES)
     assert posts == [(k, e or []) for k, _, e in SHARD_SAMPLES[: len(posts)]]

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from nltk.corpus import wordnet as wn
 
-from fastpretrain.data.shards import ShardWriter
+from fastpretrain.formats.shards import ShardWriter
 from fastpretrain.errors import DataError, UserError
 from fastpretrain.hashtags import commands
 from fastpretrain.hashtags.canonical import Canonicalizer
-from fastpretrain.hashtags.labels import LabelIndex, label_index_path
+from fastpretrain.formats.labels import LabelIndex, label_index_path
 from fastpretrain.hashtags.build import VocabBuildConfig, build_vocab, write_label_indexes
-from fastpretrain.hashtags.vocab import Vocab
+from fastpretrain.formats.vocab import Vocab
 
 
 def wnid(name: str) -> str:
@@ -77,8 +77,8 @@ def corpus(tmp_path) -> list[str]:
     return [str(shard), str(write_jsonl(tmp_path / "meta.jsonl", JSONL_POSTS))]
 
 
-def rows_of(labels_dir: Path, shard: str) -> dict[str, list[int]]:
-    index = LabelIndex.load(label_index_path(labels_dir, shard))
+def rows_of(label_dir: Path, shard: str) -> dict[str, list[int]]:
+    index = LabelIndex.load(label_index_path(label_dir, shard))
     return {str(key): index.labels_of(i).tolist() for i, key in enumerate(index.keys)}
 
 
@@ -94,26 +94,26 @@ def test_counts_selection_and_labels_match_the_hand_count(tmp_path, corpus):
     assert vocab.stats["posts_dropped_no_kept_hashtag"] == 3 and vocab.stats["posts_malformed"] == 1
     assert vocab.stats["raw_hashtags_seen"] == 3 + 2 + 1 + 3 + 2 + 1 + 2  # q2's caption gives two
     assert vocab.wordnet_version == "3.0" and vocab.sense == "concrete-first"
-    labels_dir = tmp_path / "v" / "labels"  # the default: beside vocab.json
+    label_dir = tmp_path / "v" / "labels"  # the default: beside vocab.json
     dog, car, ice, golden, tree = range(5)
-    assert rows_of(labels_dir, corpus[0]) == {"p0": [car], "p1": [dog, car], "p2": [], "p3": [dog, ice, tree],
+    assert rows_of(label_dir, corpus[0]) == {"p0": [car], "p1": [dog, car], "p2": [], "p3": [dog, ice, tree],
                                               "p4": []}
-    assert rows_of(labels_dir, corpus[1]) == {"q0": [car, ice], "q1": [golden], "q2": [dog], "q3": []}
-    assert LabelIndex.load(label_index_path(labels_dir, corpus[0])).vocab_hash == vocab.content_hash
-    assert summary.labels.posts_kept == 6
-    assert sorted(p.name for p in labels_dir.iterdir()) == ["00000.labels.npz", "meta.labels.npz"]  # no leftovers
+    assert rows_of(label_dir, corpus[1]) == {"q0": [car, ice], "q1": [golden], "q2": [dog], "q3": []}
+    assert LabelIndex.load(label_index_path(label_dir, corpus[0])).vocab_hash == vocab.content_hash
+    assert summary.labeling.posts_kept == 6
+    assert sorted(p.name for p in label_dir.iterdir()) == ["00000.labels.npz", "meta.labels.npz"]  # no leftovers
     np.testing.assert_array_equal(vocab.counts, [3, 3, 2, 1, 1])
 
 
 def test_size_and_min_count_cut_the_ranking(tmp_path, corpus):
     build_vocab(VocabBuildConfig(data=corpus, out=str(tmp_path / "a.json"), size=3, max_bad_fraction=0.2,
-                                 labels_dir=str(tmp_path / "la")))
+                                 label_dir=str(tmp_path / "la")))
     vocab = Vocab.load(tmp_path / "a.json")
     assert vocab.wnids == [DOG, CAR, ICE_CREAM]
     assert vocab.num_images == 5  # q1's golden retriever is gone
     assert rows_of(tmp_path / "la", corpus[1]) == {"q0": [1, 2], "q1": [], "q2": [0], "q3": []}
     build_vocab(VocabBuildConfig(data=corpus, out=str(tmp_path / "b.json"), min_count=2, max_bad_fraction=0.2,
-                                 labels_dir=str(tmp_path / "lb")))
+                                 label_dir=str(tmp_path / "lb")))
     assert Vocab.load(tmp_path / "b.json").wnids == [DOG, CAR, ICE_CREAM]
 
 
@@ -315,11 +315,11 @@ def test_dropped_hashtags_are_counted_by_reason(tmp_path, rng, capsys):
     summary = build_vocab(VocabBuildConfig(data=[str(write_jsonl(tmp_path / "m.jsonl", rows))], out=str(out)))
     expected = Counter(reason_of[tag] for row in rows for tag in row["tags"] if tag in reason_of)
     expected["tag_too_long"] = 1
-    assert dict(summary.labels.stats.skipped_tags) == dict(expected)
+    assert dict(summary.labeling.stats.skipped_tags) == dict(expected)
     assert Vocab.load(out).stats["skipped_tags"] == dict(sorted(expected.items()))
     printed = "\n".join(summary.lines())
     assert "hashtags dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(expected.items())) in printed
-    assert summary.labels.stats.raw_hashtags == sum(len(row["tags"]) for row in rows) - 1
+    assert summary.labeling.stats.raw_hashtags == sum(len(row["tags"]) for row in rows) - 1
     # The dropped tags change no label: each row is its distinct nouns.
     noun_synset = {"dog": DOG, "Dogs": DOG, "car": CAR, "#IceCream": ICE_CREAM}
     vocab = Vocab.load(out)

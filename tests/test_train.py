@@ -12,8 +12,8 @@ import torch
 
 from fastpretrain.cli import main
 from fastpretrain.errors import UserError
-from fastpretrain.hashtags.vocab import Vocab
-from fastpretrain.train.checkpoint import load_checkpoint
+from fastpretrain.formats.vocab import Vocab
+from fastpretrain.formats.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The input pipeline: shards -> rank split, shuffle, resampling -> decode + augment (DALI | torch) -> batches.
 
-The heavy pieces (torch, DALI) are imported on first use, so ``fastpretrain.data.shards`` stays light
+The heavy pieces (torch, DALI) are imported on first use, so ``fastpretrain.formats.shards`` stays light
 for tools that only write or list shards.
 """
 

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from fastpretrain.data.shards import list_shards, write_index
+    from fastpretrain.formats.shards import list_shards, write_index
 
     config = IndexConfig(shards=args.shards)
     shards = list_shards(config.shards)

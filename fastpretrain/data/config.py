@@ -6,12 +6,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fastpretrain.data.decoders import BACKENDS
 from fastpretrain.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-BACKENDS = ("auto", "dali", "torch")
 RESAMPLE_MODES = ("natural", "sqrt", "uniform")  # fastpretrain.hashtags.resample's, without importing it here
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +30,7 @@ class DataConfig:
     """
 
     shards: str | list[str]
-    labels_dir: str
+    label_dir: str
     backend: str = "auto"
     batch_size: int = 256
     image_size: int = 224
@@ -55,8 +55,8 @@ class DataConfig:
                 raise UserError("data.shards: empty")
         elif not self.shards or not all(isinstance(s, str) and s.strip() for s in self.shards):
             raise UserError("data.shards: give a folder, glob, brace pattern, or a non-empty list of them")
-        if not str(self.labels_dir).strip():
-            raise UserError("data.labels_dir: empty")
+        if not str(self.label_dir).strip():
+            raise UserError("data.label_dir: empty")
         if self.backend not in BACKENDS:
             raise UserError(f"data.backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.resample not in RESAMPLE_MODES:

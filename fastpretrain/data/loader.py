@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fastpretrain.data.config import Batch, DataConfig
-from fastpretrain.data.shards import list_shards
+from fastpretrain.data.decoders import make_decoder
+from fastpretrain.formats.shards import list_shards
 from fastpretrain.data.stream import (STATE_FORMAT, DecodedChunk, PlanChunk, SampleStream, SampleTable, SkipLog,
                                       load_table)
 from fastpretrain.errors import DataError, UserError
@@ -25,42 +26,9 @@ from fastpretrain.hashtags.resample import class_replication, image_replication
 if TYPE_CHECKING:
     import torch
 
-    from fastpretrain.hashtags.vocab import Vocab
+    from fastpretrain.formats.vocab import Vocab
 
 log = logging.getLogger("fastpretrain.data")
-
-def resolve_backend(name: str) -> str:
-    """``auto`` -> ``dali`` if nvidia.dali imports, else ``torch`` (the choice and the reason logged once)."""
-    if name != "auto":
-        return name
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError as e:
-        _log_once(f"data backend: torch (nvidia.dali is not importable: {e})")
-        return "torch"
-    _log_once(f"data backend: dali (nvidia.dali {nvidia.dali.__version__} is importable)")
-    return "dali"
-
-
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        log.info(message)
-
-
-def _make_decoder(cfg: DataConfig, table: SampleTable, device: torch.device, dtype: torch.dtype, train: bool):
-    backend = resolve_backend(cfg.backend)
-    if backend == "dali":
-        from fastpretrain.data.dali import DaliDecoder
-
-        return DaliDecoder(cfg, table, device, dtype, train)
-    from fastpretrain.data.torch_loader import TorchDecoder
-
-    return TorchDecoder(cfg, table, device, dtype, train)
-
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if (rank is None) != (world_size is None):
@@ -261,7 +229,7 @@ def _fingerprint(table: SampleTable) -> str:
 
 
 def _open(cfg: DataConfig, vocab: Vocab, paths: list[Path]) -> tuple[SampleTable, SkipLog]:
-    table, static_skips = load_table(paths, cfg.labels_dir, vocab.content_hash)
+    table, static_skips = load_table(paths, cfg.label_dir, vocab.content_hash)
     # Checked once here, where the batches come from: the CUDA loss reads labels without a per-step check.
     highest = int(table.labels.argmax()) if table.labels.size else None  # position of the largest class id
     if highest is not None and int(table.labels[highest]) >= len(vocab):
@@ -293,11 +261,11 @@ def build_train_loader(cfg: DataConfig, vocab: Vocab, device: torch.device, dtyp
     class_r = class_replication(vocab.counts, vocab.num_images, cfg.resample, cfg.resample_t)
     replication = image_replication(class_r, table.labels, table.label_offsets)
     stream = SampleStream(table, replication, cfg.seed, rank, cfg.shuffle_buffer)
-    decoder = _make_decoder(cfg, table, device, dtype, train=True)
+    decoder = make_decoder(cfg, table, device, dtype, train=True)
     return TrainLoader(cfg, stream, skips, decoder, device, world_size)
 
 
 def build_eval_loader(cfg: DataConfig, vocab: Vocab, device: torch.device, dtype: torch.dtype) -> EvalLoader:
     """Every labeled sample once, in shard order: resize to ``round(image_size * 256 / 224)``, centre crop, normalize."""
     table, skips = _open(cfg, vocab, list_shards(cfg.shards))
-    return EvalLoader(cfg, table, skips, _make_decoder(cfg, table, device, dtype, train=False), device)
+    return EvalLoader(cfg, table, skips, make_decoder(cfg, table, device, dtype, train=False), device)

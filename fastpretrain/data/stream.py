@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fastpretrain.data.shards import load_index
+from fastpretrain.formats.shards import load_index
 from fastpretrain.errors import DataError, UserError
-from fastpretrain.hashtags.labels import LabelIndex, label_index_path
+from fastpretrain.formats.labels import LabelIndex, label_index_path
 from fastpretrain.hashtags.resample import copies
 
 if TYPE_CHECKING:
@@ -106,48 +106,43 @@ class SampleTable:
         labels, offsets = gather_rows(self.label_offsets, self.labels, samples)
         return labels.astype(np.int64), offsets
 
+    @classmethod
+    def of_shard(cls, path: Path, keys: np.ndarray, image_offset: np.ndarray, image_size: np.ndarray,
+                 label_offsets: np.ndarray, labels: np.ndarray, usable: np.ndarray) -> SampleTable:
+        """The table of one shard's samples."""
+        n = len(keys)
+        return cls([path], np.array([0, n], dtype=np.int64), np.zeros(n, dtype=np.int32), keys, image_offset,
+                   image_size, label_offsets, labels.astype(np.int32), usable)
 
-def load_table(paths: list[Path], labels_dir: str | os.PathLike, vocab_hash: str) -> tuple[SampleTable, list[StaticSkip]]:
+    @classmethod
+    def concat(cls, tables: list[SampleTable]) -> SampleTable:
+        """One table of several, their shards and samples numbered on in order."""
+        starts = np.zeros(sum(len(t.paths) for t in tables) + 1, dtype=np.int64)
+        np.cumsum([n for t in tables for n in np.diff(t.starts)], out=starts[1:])
+        label_offsets = np.zeros(starts[-1] + 1, dtype=np.int64)
+        np.cumsum(np.concatenate([np.diff(t.label_offsets) for t in tables]), out=label_offsets[1:])
+        return cls(
+            paths=[path for t in tables for path in t.paths],
+            starts=starts,
+            shard_of=np.repeat(np.arange(len(starts) - 1, dtype=np.int32), np.diff(starts)),
+            keys=np.concatenate([t.keys for t in tables]),
+            image_offset=np.concatenate([t.image_offset for t in tables]),
+            image_size=np.concatenate([t.image_size for t in tables]),
+            label_offsets=label_offsets,
+            labels=np.concatenate([t.labels for t in tables]).astype(np.int32),
+            usable=np.concatenate([t.usable for t in tables]),
+        )
+
+
+def load_table(paths: list[Path], label_dir: str | os.PathLike, vocab_hash: str) -> tuple[SampleTable, list[StaticSkip]]:
     """Read the shard indexes and label indexes of ``paths``; UserError if a label index is of another vocabulary."""
-    parts = [_load_shard(shard, path, labels_dir, vocab_hash) for shard, path in enumerate(paths)]
-    starts = np.zeros(len(paths) + 1, dtype=np.int64)
-    np.cumsum([len(p.keys) for p in parts], out=starts[1:])
-    label_values = [p.labels for p in parts]
-    label_offsets = np.zeros(starts[-1] + 1, dtype=np.int64)
-    np.cumsum(np.concatenate([np.diff(p.label_offsets) for p in parts]), out=label_offsets[1:])
-    table = SampleTable(
-        paths=list(paths),
-        starts=starts,
-        shard_of=np.repeat(np.arange(len(paths), dtype=np.int32), np.diff(starts)),
-        keys=np.concatenate([p.keys for p in parts]),
-        image_offset=np.concatenate([p.image_offset for p in parts]),
-        image_size=np.concatenate([p.image_size for p in parts]),
-        label_offsets=label_offsets,
-        labels=np.concatenate(label_values).astype(np.int32),
-        usable=np.concatenate([p.usable for p in parts]),
-    )
-    return table, [skip for p in parts for skip in p.skips]
+    loaded = [_load_shard(shard, path, label_dir, vocab_hash) for shard, path in enumerate(paths)]
+    return SampleTable.concat([table for table, _ in loaded]), [skip for _, skips in loaded for skip in skips]
 
 
-@dataclass
-class _ShardPart:
-    keys: np.ndarray
-    image_offset: np.ndarray
-    image_size: np.ndarray
-    label_offsets: np.ndarray
-    labels: np.ndarray
-    usable: np.ndarray
-    skips: list[StaticSkip]
-
-
-def _empty_part(skips: list[StaticSkip]) -> _ShardPart:
-    none = np.zeros(0, dtype=np.int64)
-    return _ShardPart(np.zeros(0, dtype=str), none, none, np.zeros(1, np.int64), np.zeros(0, np.int32),
-                      np.zeros(0, dtype=bool), skips)
-
-
-def _load_shard(shard: int, path: Path, labels_dir: str | os.PathLike, vocab_hash: str) -> _ShardPart:
-    label_file = label_index_path(labels_dir, path)
+def _load_shard(shard: int, path: Path, label_dir: str | os.PathLike, vocab_hash: str) -> tuple[SampleTable, list[StaticSkip]]:
+    """Shard number ``shard``'s samples, and what is excluded of them before decoding."""
+    label_file = label_index_path(label_dir, path)
     try:
         label_index: LabelIndex | None = LabelIndex.load(label_file)
     except DataError as e:
@@ -161,7 +156,10 @@ def _load_shard(shard: int, path: Path, labels_dir: str | os.PathLike, vocab_has
         index = load_index(path)
     except DataError as e:
         lost = len(label_index) if label_index is not None else 0
-        return _empty_part([StaticSkip("unreadable_shard", shard, lost, str(e))])
+        none = np.zeros(0, dtype=np.int64)
+        table = SampleTable.of_shard(path, np.zeros(0, dtype=str), none, none, np.zeros(1, np.int64), none,
+                                     np.zeros(0, dtype=bool))
+        return table, [StaticSkip("unreadable_shard", shard, lost, str(e))]
 
     n = len(index)
     skips: list[StaticSkip] = []
@@ -201,7 +199,7 @@ def _load_shard(shard: int, path: Path, labels_dir: str | os.PathLike, vocab_has
         if counted.any():
             skips.append(StaticSkip(reason, shard, int(counted.sum()), f"{detail}, e.g. sample {index.keys[counted.argmax()]}"))
         excluded |= counted
-    return _ShardPart(index.keys, image_offset, image_size, label_offsets, labels, ~excluded, skips)
+    return SampleTable.of_shard(path, index.keys, image_offset, image_size, label_offsets, labels, ~excluded), skips
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ noise (#instagood, #beautiful), and hashtags that are missing or wrong. Objects 
 (Zipf) frequency, as concepts do on photo-sharing sites.
 
 Shards are WebDataset tars in img2dataset's layout (``00000.tar`` with ``KEY.jpg`` + ``KEY.json``),
-written by :class:`fastpretrain.data.shards.ShardWriter`. Every picture and its tags are a pure function
+written by :class:`fastpretrain.formats.shards.ShardWriter`. Every picture and its tags are a pure function
 of ``(seed, index)``, so a corpus is the same whatever the shard size or the machine.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fastpretrain.data.shards import ShardWriter
+from fastpretrain.formats.shards import ShardWriter
 from fastpretrain.errors import UserError
 
 

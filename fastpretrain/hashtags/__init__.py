@@ -1,7 +1,7 @@
-"""Hashtags made into labels: WordNet canonicalization, vocabulary selection, label indexes, resampling.
+"""Hashtags made into labels: WordNet canonicalization, vocabulary selection, labeling, resampling.
 
-Names are imported lazily so that the data path (which only needs ``labels`` and ``resample``) never loads
-nltk or WordNet.
+The files this stage writes (``vocab.json``, label indexes) are in ``fastpretrain.formats``. Names are imported
+lazily so that the data path (which only needs ``resample``) never loads nltk or WordNet.
 """
 
 from __future__ import annotations
@@ -11,16 +11,12 @@ from typing import Any
 
 _EXPORTS = {
     "Canonicalizer": "canonical",
-    "Vocab": "vocab",
-    "VocabClass": "vocab",
     "VocabBuildConfig": "build",
     "VocabBuildSummary": "build",
     "VocabLabelConfig": "build",
     "LabelSummary": "build",
     "build_vocab": "build",
     "write_label_indexes": "build",
-    "LabelIndex": "labels",
-    "label_index_path": "labels",
     "RESAMPLE_MODES": "resample",
     "class_replication": "resample",
     "image_replication": "resample",

@@ -30,12 +30,12 @@ import numpy as np
 
 from fastpretrain.errors import DataError, UserError
 from fastpretrain.hashtags.canonical import DROP_REASONS, SENSE_RULES, Canonicalizer
-from fastpretrain.hashtags.labels import LabelIndex, label_index_path
+from fastpretrain.formats.labels import LabelIndex, label_index_path
 from fastpretrain.hashtags.resample import class_replication, epoch_length, image_replication
 from fastpretrain.hashtags.sources import InputStats, iter_posts, list_inputs
 from fastpretrain.hashtags.wordnet import NounTable, noun_table
 
-from fastpretrain.hashtags.vocab import Vocab, VocabClass
+from fastpretrain.formats.vocab import Vocab, VocabClass
 
 DEFAULT_SIZE = 17_000  # the paper's full vocabulary
 TARGETED_WNIDS = {"imagenet1k": "imagenet1k_synsets.txt"}  # name -> wnid list in fastpretrain.assets
@@ -53,7 +53,7 @@ class VocabBuildConfig:
     targeted: str | None = None
     sense: str = "concrete-first"
     workers: int = 1
-    labels_dir: str | None = None  # default: <folder of out>/labels
+    label_dir: str | None = None  # default: <folder of out>/labels
     max_bad_fraction: float = 0.01
 
     def __post_init__(self) -> None:
@@ -74,8 +74,8 @@ class VocabBuildConfig:
         if self.sense not in SENSE_RULES:
             raise UserError(f"sense must be one of {', '.join(SENSE_RULES)}, got {self.sense!r}")
         _check_workers_and_fraction(self.workers, self.max_bad_fraction)
-        if self.labels_dir is None:
-            self.labels_dir = str(Path(self.out).parent / "labels")
+        if self.label_dir is None:
+            self.label_dir = str(Path(self.out).parent / "labels")
 
 
 def _check_workers_and_fraction(workers: int, max_bad_fraction: float) -> None:
@@ -103,7 +103,7 @@ class VocabLabelConfig:
 class LabelSummary:
     """What labeling inputs found: posts, the label indexes written, and what was skipped."""
 
-    labels_dir: Path
+    label_dir: Path
     label_indexes: list[Path]
     stats: InputStats
     posts_kept: int
@@ -111,7 +111,7 @@ class LabelSummary:
     def lines(self) -> list[str]:
         """A human summary, one fact per line."""
         s = self.stats
-        out = [f"{len(self.label_indexes)} label indexes in {self.labels_dir}",
+        out = [f"{len(self.label_indexes)} label indexes in {self.label_dir}",
                f"posts: {s.posts} seen, {self.posts_kept} kept, {s.posts - self.posts_kept} without a kept hashtag "
                f"({s.malformed} malformed)",
                f"raw hashtags: {s.raw_hashtags}"]
@@ -129,13 +129,13 @@ class VocabBuildSummary:
 
     vocab_path: Path
     vocab: Vocab
-    labels: LabelSummary
+    labeling: LabelSummary
     sqrt_epoch_length: float
 
     def lines(self) -> list[str]:
         v = self.vocab
         return [f"vocabulary {self.vocab_path}: {len(v)} classes (sense {v.sense}, hash {v.content_hash})",
-                *self.labels.lines(),
+                *self.labeling.lines(),
                 f"sqrt resampling (default t): about {self.sqrt_epoch_length:.0f} samples per epoch "
                 f"({self.sqrt_epoch_length / max(v.num_images, 1):.2f}x the {v.num_images} kept images)"]
 
@@ -275,14 +275,14 @@ def _gather(scanned: Iterator[_Scanned], num_synsets: int | None = None) -> tupl
     return results, total, counts
 
 
-def _check_inputs(spec, labels_dir: Path) -> list[Path]:
+def _check_inputs(spec, label_dir: Path) -> list[Path]:
     paths = list_inputs(spec)
     by_index: dict[Path, Path] = {}
     for path in paths:
-        other = by_index.setdefault(label_index_path(labels_dir, path), path)
+        other = by_index.setdefault(label_index_path(label_dir, path), path)
         if other != path:
             raise UserError(f"inputs {other} and {path} would share the label index "
-                            f"{label_index_path(labels_dir, path)}: give them distinct file names")
+                            f"{label_index_path(label_dir, path)}: give them distinct file names")
     return paths
 
 
@@ -300,6 +300,14 @@ def _check_bad_share(scanned: list[_Scanned], total: InputStats, max_bad_fractio
 
 # ------------------------------------------------------------------------------------------------------------
 # Selection and the two entry points
+
+
+def synset_classes(vocab: Vocab, table: NounTable) -> np.ndarray:
+    """(S,) int32 over the noun table's synsets: the class id, or -1 for a synset outside the vocabulary."""
+    mapping = np.full(len(table.offsets), -1, dtype=np.int32)
+    for c in vocab.classes:
+        mapping[table.synset_of_wnid[c.wnid]] = c.index
+    return mapping
 
 
 def select_synsets(counts: np.ndarray, table: NounTable, config: VocabBuildConfig) -> list[int]:
@@ -347,12 +355,12 @@ def _vocab_stats(total: InputStats, posts_kept: int, inputs: int) -> dict:
 
 
 def build_vocab(config: VocabBuildConfig) -> VocabBuildSummary:
-    """Count, select, write the label index of every input into ``config.labels_dir``, then ``vocab.json``."""
-    labels_dir = Path(config.labels_dir)
-    paths = _check_inputs(config.data, labels_dir)
+    """Count, select, write the label index of every input into ``config.label_dir``, then ``vocab.json``."""
+    label_dir = Path(config.label_dir)
+    paths = _check_inputs(config.data, label_dir)
     table = noun_table()  # derived and cached on disk once, before any worker process starts
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=labels_dir, prefix=".vocab-build-"))
+    label_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=label_dir, prefix=".vocab-build-"))
     try:
         rows_files = [work / f"{i:06d}.npz" for i in range(len(paths))]
         scanned, total, synset_counts = _gather(_scan_all(paths, rows_files, config.workers, config.sense),
@@ -363,7 +371,7 @@ def build_vocab(config: VocabBuildConfig) -> VocabBuildSummary:
         vocab_hash = Vocab.hash_of(wnids, config.sense, table.wordnet_version)
         class_of_synset = np.full(len(table.offsets), -1, dtype=np.int32)
         class_of_synset[chosen] = np.arange(len(chosen), dtype=np.int32)
-        staged = [work / label_index_path(labels_dir, path).name for path in paths]
+        staged = [work / label_index_path(label_dir, path).name for path in paths]
         posts_kept = _write_labels(rows_files, staged, class_of_synset, vocab_hash)
         if posts_kept == 0:
             raise DataError(f"no post has a hashtag among the {len(chosen)} selected classes")
@@ -372,37 +380,37 @@ def build_vocab(config: VocabBuildConfig) -> VocabBuildSummary:
                       {"size": config.size, "min_count": config.min_count, "targeted": config.targeted},
                       _vocab_stats(total, posts_kept, len(paths)))
         sqrt_epoch = _sqrt_epoch_length(vocab, staged)
-        written = [labels_dir / target.name for target in staged]
+        written = [label_dir / target.name for target in staged]
         for source, target in zip(staged, written):
             os.replace(source, target)
         vocab.save(config.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = LabelSummary(labels_dir, written, total, posts_kept)
+    summary = LabelSummary(label_dir, written, total, posts_kept)
     return VocabBuildSummary(Path(config.out), vocab, summary, sqrt_epoch)
 
 
-def write_label_indexes(inputs, vocab: Vocab, labels_dir: str | os.PathLike, workers: int = 1,
+def write_label_indexes(inputs, vocab: Vocab, label_dir: str | os.PathLike, workers: int = 1,
                         max_bad_fraction: float = 0.01) -> LabelSummary:
     """Label ``inputs`` (e.g. a validation split) with an existing vocabulary: one index per input in
-    ``labels_dir``, written only if at most ``max_bad_fraction`` of the posts were malformed."""
+    ``label_dir``, written only if at most ``max_bad_fraction`` of the posts were malformed."""
     _check_workers_and_fraction(workers, max_bad_fraction)
-    labels_dir = Path(labels_dir)
-    paths = _check_inputs(inputs, labels_dir)
+    label_dir = Path(label_dir)
+    paths = _check_inputs(inputs, label_dir)
     table = noun_table()
     if table.wordnet_version != vocab.wordnet_version:
         raise UserError(f"the vocabulary was built with WordNet {vocab.wordnet_version}, "
                         f"this machine has {table.wordnet_version}")
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=labels_dir, prefix=".vocab-label-"))
+    label_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=label_dir, prefix=".vocab-label-"))
     try:
-        staged = [work / label_index_path(labels_dir, path).name for path in paths]
+        staged = [work / label_index_path(label_dir, path).name for path in paths]
         scanned, total, _ = _gather(
-            _scan_all(paths, staged, workers, vocab.sense, vocab.class_of_synset(table), vocab.content_hash))
+            _scan_all(paths, staged, workers, vocab.sense, synset_classes(vocab, table), vocab.content_hash))
         _check_bad_share(scanned, total, max_bad_fraction)
-        written = [labels_dir / s.name for s in staged]
+        written = [label_dir / s.name for s in staged]
         for source, target in zip(staged, written):
             os.replace(source, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return LabelSummary(labels_dir, written, total, sum(s.posts_kept for s in scanned))
+    return LabelSummary(label_dir, written, total, sum(s.posts_kept for s in scanned))

@@ -50,7 +50,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     config = VocabBuildConfig(
         data=args.data, out=args.out, size=args.size, min_count=args.min_count, targeted=args.targeted,
-        sense=args.sense, workers=args.workers, labels_dir=args.labels, max_bad_fraction=args.max_bad_fraction,
+        sense=args.sense, workers=args.workers, label_dir=args.labels, max_bad_fraction=args.max_bad_fraction,
     )
     print("\n".join(build_vocab(config).lines()))
     return 0
@@ -58,7 +58,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_label(args: argparse.Namespace) -> int:
     from fastpretrain.hashtags.build import VocabLabelConfig, write_label_indexes
-    from fastpretrain.hashtags.vocab import Vocab
+    from fastpretrain.formats.vocab import Vocab
 
     config = VocabLabelConfig(data=args.data, vocab=args.vocab, out=args.out, workers=args.workers,
                               max_bad_fraction=args.max_bad_fraction)

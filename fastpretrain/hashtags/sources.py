@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote_plus
 
-from fastpretrain.data.shards import ShardIndex, index_path_for, iter_shard, list_shards, read_index
-from fastpretrain.errors import UserError
+from fastpretrain.errors import DataError, UserError
+from fastpretrain.formats.shards import MemberReader, list_shards, load_index
 from fastpretrain.hashtags.canonical import MAX_TAG_CHARS
 
 # Post-level reasons that make a post malformed (the share the --max-bad-fraction gate applies to).
@@ -173,36 +173,25 @@ def _decode_json(raw: bytes, stats: InputStats) -> dict | None:
 def _metadata_members(path: Path, stats: InputStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` per sample of a shard, with at least its metadata members (json, txt).
 
-    With an up-to-date DALI index beside the shard (``ShardWriter`` writes one), only those members are read,
-    by offset: the images, nearly all of a shard's bytes, are never read. Otherwise the whole shard is.
+    Only those members are read, by the offsets of the shard's index (``load_index``: the DALI index beside the
+    shard, or its tar headers): the images, nearly all of a shard's bytes, are never read.
     """
-    index = _fresh_index(path)
-    if index is None:
-        yield from iter_shard(path, on_error=lambda _path, _message: stats.skipped_posts.update(["truncated_file"]))
-        return
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        for key, members in zip(index.keys.tolist(), index.members):
-            files = {}
-            for ext in _METADATA_EXTS.intersection(members):
-                offset, length = members[ext]
-                if offset + length > size:  # cut short after its index was written
-                    stats.skipped_posts["truncated_file"] += 1
-                    return
-                f.seek(offset)
-                files[ext] = f.read(length)
-            yield key, files
-
-
-def _fresh_index(path: Path) -> ShardIndex | None:
-    """The shard's index file when it is at least as new as the shard and readable, else None."""
-    index_file = index_path_for(path)
     try:
-        if index_file.stat().st_mtime_ns < path.stat().st_mtime_ns:
-            return None
-        return read_index(index_file)
-    except (OSError, ValueError):
-        return None
+        index = load_index(path)
+    except DataError:
+        stats.skipped_posts["truncated_file"] += 1
+        return
+    reader = MemberReader([path])
+    try:
+        for key, members in zip(index.keys.tolist(), index.members):
+            yield key, {ext: reader.read(0, *members[ext]) for ext in _METADATA_EXTS.intersection(members)}
+    except OSError:  # cut short after its index was written
+        stats.skipped_posts["truncated_file"] += 1
+        return
+    finally:
+        reader.close()
+    if index.problem is not None:  # a damaged shard: its whole samples were read
+        stats.skipped_posts["truncated_file"] += 1
 
 
 def _shard_posts(path: Path, stats: InputStats) -> _Posts:

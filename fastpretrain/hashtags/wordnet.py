@@ -6,7 +6,7 @@ includes the virtual environment's ``sys.prefix/nltk_data``, the folder ``make w
 
 Reading all 82,115 noun synsets through nltk takes several seconds, so the table the canonicalizer needs (one
 row per distinct lemma key, see :mod:`fastpretrain.hashtags.canonical`) is derived once and cached as JSON under
-``$FASTPRETRAIN_CACHE`` (default ``~/.cache/fastpretrain``), in a file named by ``TABLE_VERSION`` and a
+``formats.files.cache_root()`` (``$FASTPRETRAIN_CACHE``, default ``~/.cache/fastpretrain``), in a file named by ``TABLE_VERSION`` and a
 fingerprint of the WordNet files, so another WordNet or a change to the derivation gets its own table.
 """
 
@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from fastpretrain.errors import UserError
-from fastpretrain.files import atomic_write
+from fastpretrain.formats.files import atomic_write, cache_root
+from fastpretrain.formats.vocab import WORDNET_VERSION
 
 WORDNET_ENV = "FASTPRETRAIN_WORDNET"
-CACHE_ENV = "FASTPRETRAIN_CACHE"
-WORDNET_VERSION = "3.0"  # ImageNet's wnids are WordNet 3.0 offsets; another version would give other ids
 # Bump when the derived table's content or layout changes: old cache files are then ignored.
 TABLE_VERSION = 1
 _FILES = ("data.noun", "index.noun", "noun.exc", "lexnames")
@@ -150,11 +149,6 @@ def open_wordnet(location: WordNetLocation):
     return reader
 
 
-def cache_dir() -> Path:
-    """Where derived tables are cached: ``$FASTPRETRAIN_CACHE`` or ``~/.cache/fastpretrain``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fastpretrain")
-
-
 @dataclass(frozen=True)
 class NounTable:
     """What canonicalization and vocabularies need from WordNet's nouns, as plain lists.
@@ -230,7 +224,7 @@ def derive_noun_table(reader) -> NounTable:
 
 
 def _table_path(location: WordNetLocation) -> Path:
-    return cache_dir() / "wordnet" / f"nouns-v{TABLE_VERSION}-{location.fingerprint()}.json"
+    return cache_root() / "wordnet" / f"nouns-v{TABLE_VERSION}-{location.fingerprint()}.json"
 
 
 _TABLES: dict[Path, NounTable] = {}  # per process: the table is read from disk once

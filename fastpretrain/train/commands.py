@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastpretrain.data.config import BACKENDS
+from fastpretrain.data.decoders import BACKENDS as DATA_BACKENDS
 from fastpretrain.train.config import PAPER_PRESET, TrainConfig
 
 
@@ -32,10 +32,10 @@ def register(subparsers) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", help="training shards: a folder, a glob or a brace pattern (default: demo corpus)")
     data.add_argument("--vocab", help="vocab.json from `fastpretrain vocab build`")
-    data.add_argument("--labels", help="label index folder (default: labels/ beside vocab.json)")
+    data.add_argument("--labels", dest="label_dir", help="label index folder (default: labels/ beside vocab.json)")
     data.add_argument("--val-data", help="held-out shards for the final precision@k")
-    data.add_argument("--val-labels", help="their label index folder (default: val-labels/ beside vocab.json)")
-    data.add_argument("--data-backend", choices=list(BACKENDS), help=_default("data_backend"))
+    data.add_argument("--val-labels", dest="val_label_dir", help="their label index folder (default: val-labels/ beside vocab.json)")
+    data.add_argument("--data-backend", choices=list(DATA_BACKENDS), help=_default("data_backend"))
     data.add_argument("--resample", choices=["natural", "sqrt", "uniform"],
                       help="rebalancing of the long tail, as in the paper " + _default("resample"))
     data.add_argument("--resample-t", type=float, help="the threshold t of r(h) = max(1, phi(t / f(h))) "

@@ -24,9 +24,9 @@ def flag(field: str) -> str:
 class TrainConfig:
     data: str | None = None  # training shards (folder, glob or brace pattern); None trains on the demo corpus
     vocab: str | None = None  # vocab.json; its folder's labels/ holds the label index unless --labels says otherwise
-    labels: str | None = None
+    label_dir: str | None = None
     val_data: str | None = None
-    val_labels: str | None = None
+    val_label_dir: str | None = None
     output: str = "runs/train"
     arch: str = "resnext_tiny"
     image_size: int = 64

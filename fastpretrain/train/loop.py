@@ -7,6 +7,7 @@ is set-up and bookkeeping around it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -21,15 +22,17 @@ from torch import nn
 from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader
 from fastpretrain.errors import UserError
 from fastpretrain.evaluate import evaluate
-from fastpretrain.hashtags import Vocab
+from fastpretrain.formats.vocab import Vocab
 from fastpretrain.loss import HashtagCrossEntropy
 from fastpretrain.models import count_parameters, create_model, to_channels_last
-from fastpretrain.train.checkpoint import load_checkpoint, save_checkpoint
+from fastpretrain.formats.checkpoint import load_checkpoint, save_checkpoint
 from fastpretrain.train.config import TrainConfig
 from fastpretrain.train.metrics import MetricsLog, Throughput
 from fastpretrain.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from fastpretrain.train.precision import Precision, choose_precision, resolve_device
 from fastpretrain.train.stop import StopOnSignal, Stopped
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,10 @@ class Datasets:
     """Where a run's data lives: training shards with their label index, and an optional held-out split."""
 
     train: str
-    labels: str
+    label_dir: str
     vocab: str
     val: str | None
-    val_labels: str | None
+    val_label_dir: str | None
 
     @classmethod
     def resolve(cls, cfg: TrainConfig) -> "Datasets":
@@ -48,10 +51,10 @@ class Datasets:
             from fastpretrain.demo import prepare_demo
 
             demo = prepare_demo(cfg.demo_images, seed=cfg.seed, workers=max(cfg.workers, 1))
-            return cls(str(demo.train), str(demo.labels), str(demo.vocab), str(demo.val), str(demo.val_labels))
-        labels = cfg.labels or str(Path(cfg.vocab).parent / "labels")
-        val_labels = cfg.val_labels or (str(Path(cfg.vocab).parent / "val-labels") if cfg.val_data else None)
-        return cls(cfg.data, labels, cfg.vocab, cfg.val_data, val_labels)
+            return cls(str(demo.train), str(demo.label_dir), str(demo.vocab), str(demo.val), str(demo.val_label_dir))
+        label_dir = cfg.label_dir or str(Path(cfg.vocab).parent / "labels")
+        val_label_dir = cfg.val_label_dir or (str(Path(cfg.vocab).parent / "val-labels") if cfg.val_data else None)
+        return cls(cfg.data, label_dir, cfg.vocab, cfg.val_data, val_label_dir)
 
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
@@ -85,7 +88,7 @@ def write_run_info(output: Path, cfg: TrainConfig, device: torch.device, precisi
 def evaluate_held_out(model: nn.Module, datasets: Datasets, vocab: Vocab, cfg: TrainConfig, device: torch.device,
                       precision: Precision) -> dict:
     """precision@1/@5 on the held-out split, with the baseline of always ranking the most frequent class first."""
-    val_cfg = DataConfig(shards=datasets.val, labels_dir=datasets.val_labels, backend=cfg.data_backend,
+    val_cfg = DataConfig(shards=datasets.val, label_dir=datasets.val_label_dir, backend=cfg.data_backend,
                          batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers)
     return evaluate(model, build_eval_loader(val_cfg, vocab, device, precision.dtype),
                     majority_class=int(np.argmax(vocab.counts)), autocast=precision.autocast())
@@ -99,13 +102,13 @@ def train(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     precision = choose_precision(device, cfg.amp)
     if precision.notice:
-        print(precision.notice, flush=True)
+        logger.info(precision.notice)
     datasets = Datasets.resolve(cfg)  # inputs are checked before the run folder is written
     vocab = Vocab.load(datasets.vocab)
     output = Path(cfg.output)
     write_run_info(output, cfg, device, precision)
     model = to_channels_last(create_model(cfg.arch, len(vocab)), device)
-    data_cfg = DataConfig(shards=datasets.train, labels_dir=datasets.labels, backend=cfg.data_backend,
+    data_cfg = DataConfig(shards=datasets.train, label_dir=datasets.label_dir, backend=cfg.data_backend,
                           batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers,
                           seed=cfg.seed, resample=cfg.resample, resample_t=cfg.resample_t)
     loader = build_train_loader(data_cfg, vocab, device, precision.dtype)
@@ -131,10 +134,10 @@ def train(cfg: TrainConfig) -> dict:
             "vocab_hash": vocab.content_hash, "classes": [c.wnid for c in vocab.classes]})
 
     log = MetricsLog(output, total_steps, initial_step=step)
-    print(f"training {cfg.arch} ({count_parameters(model) / 1e6:.2f}M parameters) on "
+    logger.info(f"training {cfg.arch} ({count_parameters(model) / 1e6:.2f}M parameters) on "
           f"{len(vocab)} hashtag classes, {total_steps} steps of {cfg.batch_size} images "
           f"({loader.samples_per_epoch:.0f} images per epoch after {cfg.resample} resampling), {device}, "
-          f"{precision.dtype}", flush=True)
+          f"{precision.dtype}")
     batches, meter = iter(loader), Throughput()
     loss_sum, losses = torch.zeros((), device=device), 0
     record: dict = {}

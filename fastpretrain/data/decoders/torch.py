@@ -7,47 +7,46 @@ decode); other images, or every image where the extension cannot be built, throu
 On a CUDA device the workers read and check, and the training process decodes each chunk's JPEGs with one
 batched ``decode_jpeg(device="cuda")`` (nvJPEG) and crops on the GPU, so pixels never cross PCIe at full size.
 
-Where the CPU time goes (per 500x375 JPEG to a 224 crop, one core, in process): region decode 0.70 ms (full decode
-0.9), resize 0.17-0.24, normalize 0.1 (mostly writing fresh memory), read and header check 0.06; ~1.05 ms in all.
-Through 2 worker processes, 1.1-1.25 ms of CPU per image. It was 1.3-1.4 while each chunk's crops came back as a
-fresh tensor: a shared-memory segment made, copied into, mapped and faulted in on both sides, per chunk; the
-workers now write into a ring of slots shared once per pass (``ChunkReader``). Finishing (normalizing) in the
-workers was tried too: 1.7 ms, as float32 crops are 4x the shared memory. Resampling a strided crop view used to
-cost more (torch's vectorized uint8 antialiased path wants channels-last contiguous input; on the view it fell
-back and returned NCHW, whose HWC store was a strided copy: 0.42 -> 0.24 ms), and the workers do not pickle the
-JPEG bytes back (~2 MB per chunk of 32).
-
-Crop boxes come from ``decode.prepare_chunk``, shared with the DALI backend, so both cut the same regions.
+Why it is built this way (the figures are in ``bench/results/``): the region decode skips the IDCT and colour
+conversion outside the box, where a full decode spends about half its time; the workers write into a ring of
+slots shared once per pass (``ChunkReader``) because a fresh shared tensor per chunk costs a shared-memory
+segment, a copy and page faults on both sides; they keep uint8 crops, because float32 crops are 4x the shared
+memory; and they never pickle the JPEG bytes back. Crop boxes come from ``common.prepare_chunk``, shared with the
+DALI backend, so both cut the same regions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from fastpretrain.cpp_extension import extension_or_none
 from fastpretrain.data.config import DataConfig
-from fastpretrain.data.decode import CropSpec, ImageInfo, PreparedChunk, prepare_chunk
-from fastpretrain.data.shards import MemberReader
+from fastpretrain.data.decoders.common import CropSpec, ImageInfo, Normalizer, PreparedChunk, crop_resize_into, prepare_chunk
 from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleTable
 from fastpretrain.errors import UserError
+from fastpretrain.formats.shards import MemberReader
 
 SHARED_MEMORY = Path("/dev/shm")  # where torch's shared tensors live on Linux
 
-# torchvision 0.29 deprecates its image codecs in favour of TorchCodec, on every call; the issue asks for
-# torchvision's decode_jpeg, and the warning would repeat for every image.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+
+@contextlib.contextmanager
+def quiet_codecs() -> Iterator[None]:
+    """Decoding without torchvision's deprecation of its image codecs (0.29 warns on every call, in favour of
+    TorchCodec; torchvision's decode_jpeg is the nvJPEG path this backend is built on). Scoped to a chunk: the
+    process's own warning filters are left as they were."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        yield
 
 
 def _as_tensor(data: bytes) -> torch.Tensor:
@@ -75,78 +74,6 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     if orientation == 8:
         return image.rot90(1, (-2, -1))
     return image
-
-
-def crop_resize_into(out: torch.Tensor, image: torch.Tensor, left: int, top: int, width: int, height: int,
-                     flip: bool) -> None:
-    """The box of ``image`` (3, H, W) uint8 resized into ``out`` (S, S, 3) uint8, antialiased bilinear (torchvision's
-    RandomResizedCrop), mirrored if ``flip``."""
-    size = out.shape[0]
-    # Channels-last contiguous (a copy of the box only, or nothing when it already is): torch's vectorized uint8
-    # antialiased resampler wants it, and then returns channels-last, so the HWC store below is a plain copy. On a
-    # strided view of the box it falls back and returns NCHW (0.42 ms with the store, 0.24 this way).
-    hwc_box = image.permute(1, 2, 0)[top: top + height, left: left + width]  # (h, w, 3)
-    box = hwc_box.unsqueeze(0).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # (1, 3, h, w)
-    if box.device.type == "cpu":
-        resized = F.interpolate(box, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    else:  # CUDA has no uint8 antialiased kernel: torchvision resizes in float and rounds back (0.03 ms slower)
-        resized = TF.resize(box, [size, size], antialias=True)  # (1, 3, S, S)
-    hwc = resized[0].permute(1, 2, 0)  # (S, S, 3)
-    out.copy_(hwc.flip(1) if flip else hwc)
-
-
-class Normalizer:
-    """(k, S, S, 3) uint8 pixels -> ``(x - 255 mean) / (255 std)`` (k, S, S, 3) in ``dtype`` on ``device``."""
-
-    def __init__(self, cfg: DataConfig, device: torch.device, dtype: torch.dtype) -> None:
-        self.device = torch.device(device)
-        self.dtype = dtype
-        # x * scale + bias over whole pixel rows, (S * 3,): broadcasting a (3,) vector over NHWC's last dim runs
-        # 4-5x slower on a CPU (measured: 0.49 vs 0.10 ms per 224px image).
-        std = torch.tensor(cfg.std, dtype=torch.float64) * 255
-        mean = torch.tensor(cfg.mean, dtype=torch.float64) * 255
-        self.scale_row = (1 / std).repeat(cfg.image_size).float().to(self.device)
-        self.bias_row = (-mean / std).repeat(cfg.image_size).float().to(self.device)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        k, size = pixels.shape[0], pixels.shape[1]
-        rows = pixels.to(self.device, non_blocking=True).view(k, size, size * 3).float()  # (k, S, S * 3)
-        torch.addcmul(self.bias_row, rows, self.scale_row, out=rows)
-        return rows.view(k, size, size, 3).to(self.dtype)
-
-    def one_into(self, out: torch.Tensor, pixels: torch.Tensor) -> None:
-        """One image's (S, S, 3) uint8 ``pixels`` normalized into ``out`` (S, S, 3) of ``dtype``, all on the device."""
-        size = pixels.shape[0]
-        rows = pixels.view(size, size * 3)  # (S, S * 3)
-        if out.dtype == torch.float32:  # in place in ``out``: no float temporary to allocate
-            target = out.view(size, size * 3)
-            target.copy_(rows)
-            torch.addcmul(self.bias_row, target, self.scale_row, out=target)
-        else:  # float32 arithmetic, one rounding to ``dtype``
-            out.view(size, size * 3).copy_(torch.addcmul(self.bias_row, rows.float(), self.scale_row))
-
-
-class CropFinisher:
-    """Resizes, mirrors and normalizes one crop into its slot of a CPU batch, on whichever thread calls it.
-
-    Each thread resizes into its own reused uint8 image and normalizes it into the batch while it is still in
-    cache: a uint8 batch normalized afterwards on the training thread cost that thread ~0.15-0.5 ms per image
-    (a cold pass, and the page faults of a fresh float temporary), as much as the resize itself.
-    """
-
-    def __init__(self, cfg: DataConfig, dtype: torch.dtype) -> None:
-        self.size = cfg.image_size
-        self.normalize = Normalizer(cfg, torch.device("cpu"), dtype)
-        self._per_thread = threading.local()
-
-    def __call__(self, out: torch.Tensor, image: torch.Tensor, left: int, top: int, width: int, height: int,
-                 flip: bool) -> None:
-        """The box of ``image`` (3, H, W) uint8 into ``out`` (S, S, 3) of the batch's dtype."""
-        pixels = getattr(self._per_thread, "pixels", None)
-        if pixels is None:
-            pixels = self._per_thread.pixels = torch.empty((self.size, self.size, 3), dtype=torch.uint8)
-        crop_resize_into(pixels, image, left, top, width, height, flip)
-        self.normalize.one_into(out, pixels)
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -207,6 +134,16 @@ class ChunkReader(Dataset):
         slot = sequence % len(self.ring)
         pixels = self.ring[slot]  # (chunk size, S, S, 3)
         failed: dict[int, str] = {}
+        with quiet_codecs():
+            self._decode_into(pixels, prepared, failed)
+        kept = prepared.drop(failed, "decode_error")
+        # The training process needs no JPEG bytes back (about 2 MB less to pickle per chunk of 32).
+        return WorkerOutput(replace(kept, encoded=[]), slot)
+
+    @staticmethod
+    def _decode_into(pixels: torch.Tensor, prepared: PreparedChunk, failed: dict[int, str]) -> None:
+        """Each image of ``prepared`` decoded and cropped into the next row of ``pixels``; those that fail in
+        ``failed`` (index -> detail)."""
         boxes = prepared.boxes
         for i, data in enumerate(prepared.encoded):
             width, height = int(boxes.width[i]), int(boxes.height[i])
@@ -216,9 +153,6 @@ class ChunkReader(Dataset):
                 failed[i] = str(e).splitlines()[-1]
                 continue
             crop_resize_into(pixels[i - len(failed)], image, left, top, width, height, bool(boxes.flip[i]))
-        kept = prepared.drop(failed, "decode_error")
-        # The training process needs no JPEG bytes back (about 2 MB less to pickle per chunk of 32).
-        return WorkerOutput(replace(kept, encoded=[]), slot)
 
 
 def _check_shared_memory(needed: int) -> None:
@@ -280,7 +214,8 @@ class TorchDecoder:
     def _finish(self, output: WorkerOutput, ring: torch.Tensor | None) -> DecodedChunk:
         prepared = output.prepared
         if output.slot is None:
-            prepared, pixels = self._decode_on_gpu(prepared)
+            with quiet_codecs():
+                prepared, pixels = self._decode_on_gpu(prepared)
         else:  # normalizing copies the crops out of the slot, which a worker may then fill again
             pixels = ring[output.slot, : len(prepared)]
         return DecodedChunk(prepared.epoch, prepared.positions, prepared.samples, self.normalize(pixels), prepared.bad)

@@ -15,14 +15,14 @@ from typing import Sequence
 import numpy as np
 
 from fastpretrain.errors import DataError
-from fastpretrain.files import atomic_write
+from fastpretrain.formats.files import atomic_write
 
 LABEL_INDEX_SUFFIX = ".labels.npz"
 
 
-def label_index_path(labels_dir: str | os.PathLike, shard: str | os.PathLike) -> Path:
-    """Where the label index of ``shard`` lives: ``labels_dir/<shard stem>.labels.npz``."""
-    return Path(labels_dir) / f"{Path(shard).stem}{LABEL_INDEX_SUFFIX}"
+def label_index_path(label_dir: str | os.PathLike, shard: str | os.PathLike) -> Path:
+    """Where the label index of ``shard`` lives: ``label_dir/<shard stem>.labels.npz``."""
+    return Path(label_dir) / f"{Path(shard).stem}{LABEL_INDEX_SUFFIX}"
 
 
 @dataclass

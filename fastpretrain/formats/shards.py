@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fastpretrain.errors import DataError, UserError
+from fastpretrain.formats.files import AtomicFile, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def _check_key(key: str) -> None:
 
 
 class ShardWriter:
-    """Writes one WebDataset tar shard in GNU tar format, atomically (a ``.tmp`` file renamed on close).
+    """Writes one WebDataset tar shard in GNU tar format, atomically (``files.AtomicFile``: renamed into place on
+    close, removed on abort).
 
     ``write(key, {"jpg": ..., "json": ...})`` adds the members ``KEY.jpg``, ``KEY.json`` in the dict's order.
     With ``write_index`` (the default), the DALI ``wds2idx`` index is written beside the shard on close
@@ -62,11 +64,10 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike, write_index: bool = True) -> None:
         self.path = Path(path)
         self.write_index = write_index
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.GNU_FORMAT)
-        self._index_lines: list[str] = []
-        self._keys: set[str] = set()
+        self._file = AtomicFile(self.path)
+        self._tar = tarfile.open(fileobj=self._file.file, mode="w", format=tarfile.GNU_FORMAT)
+        self._keys: dict[str, None] = {}  # in order
+        self._members: list[dict[str, tuple[int, int]]] = []
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         """Append one sample: a member ``KEY.EXT`` per item of ``files``, in order."""
@@ -75,7 +76,7 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} written twice to {self.path}")
         if not files:
             raise ValueError(f"sample {key!r} has no files")
-        parts = []
+        members = {}
         for ext, data in files.items():
             if not ext or "/" in ext:
                 raise ValueError(f"sample {key!r}: bad extension {ext!r}")
@@ -85,25 +86,24 @@ class ShardWriter:
             info.mode = _MEMBER_MODE
             self._tar.addfile(info, io.BytesIO(data))
             # addfile has padded the data to a 512-byte block: it started size-rounded-up bytes before here.
-            offset = self._tar.offset - _round_up_block(info.size)
-            parts.append(f"{ext} {offset} {info.size} {info.name}")
-        self._keys.add(key)
-        self._index_lines.append(" ".join(parts))
+            members[ext] = (self._tar.offset - _round_up_block(info.size), info.size)
+        self._keys[key] = None
+        self._members.append(members)
 
     def close(self) -> None:
         """Finish the tar, move it into place and write its index."""
         if self._tar.closed:
             return
         self._tar.close()
-        os.replace(self._tmp, self.path)
+        self._file.commit()
         if self.write_index:
-            _write_index_lines(index_path_for(self.path), self._index_lines)
+            write_index_file(index_path_for(self.path), ShardIndex(np.array(list(self._keys), dtype=str), self._members))
 
     def abort(self) -> None:
         """Drop the partial shard."""
         if not self._tar.closed:
             self._tar.close()
-        self._tmp.unlink(missing_ok=True)
+        self._file.abort()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -183,79 +183,20 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading
-
-
-ErrorReporter = Callable[[Path, str], None]
-
-
-def _warn_unreadable(path: Path, message: str) -> None:
-    log.warning("shard %s: %s; skipping the rest of it", path, message)
-
-
-def iter_shard(
-    path: str | os.PathLike, start: int = 0, on_error: ErrorReporter | None = None
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` per sample, grouped by key in tar order, from sample ``start`` on.
-
-    A missing, truncated or corrupt shard never raises: iteration stops after the last whole sample and
-    ``on_error(path, message)`` is called once (default: a logged warning). Non-file members are skipped.
-    """
-    path = Path(path)
-    report = on_error or _warn_unreadable
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    index = -1
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                member_key, ext = split_member_name(member.name)
-                if member_key != key:
-                    if key is not None and index >= start:
-                        yield key, files
-                    key, files, index = member_key, {}, index + 1
-                if index >= start:
-                    data = tar.extractfile(member).read()
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} truncated")
-                    files[ext] = data
-            _check_archive_end(tar, path)
-    except (OSError, tarfile.TarError, EOFError) as e:
-        # The sample being read when the shard broke may be partial: drop it.
-        report(path, f"{type(e).__name__}: {e}")
-        return
-    if key is not None and index >= start:
-        yield key, files
-
-
-def _check_archive_end(tar: tarfile.TarFile, path: Path) -> None:
-    """ReadError unless the archive's end-of-archive blocks are there: tarfile reads a shard cut at a
-    member boundary as a whole archive, whose last sample may then lack members."""
-    if os.path.getsize(path) < tar.offset + 2 * tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"no end-of-archive marker after {tar.offset} bytes")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Index files (DALI wds2idx format)
-
-
-def index_path_for(shard: str | os.PathLike) -> Path:
-    """The index beside a shard, named as ``wds2idx`` names it: ``data/00012.tar`` -> ``data/00012.idx``."""
-    shard = Path(shard)
-    return shard.with_name(split_member_name(shard.name)[0] + ".idx")
+# Reading: one walk over a tar's headers (``scan_shard``) makes the index; samples are read by its offsets
 
 
 @dataclass
 class ShardIndex:
     """Where each sample's members lie in one shard.
 
-    ``keys`` (n,) str; per sample a dict ext -> (offset, size) in ``members``.
+    ``keys`` (n,) str; per sample a dict ext -> (offset, size) in ``members``. ``problem`` says why the index
+    covers only the first whole samples of a damaged shard (None for a whole one).
     """
 
     keys: np.ndarray
     members: list[dict[str, tuple[int, int]]]
+    problem: str | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -271,43 +212,100 @@ class ShardIndex:
 def scan_shard(path: str | os.PathLike) -> ShardIndex:
     """Build a shard's index by reading its tar headers (data blocks are skipped, not read).
 
-    Raises DataError naming the shard if it cannot be read at all; a truncated shard gives the index of
-    its whole samples, as ``iter_shard`` would read them.
+    Raises DataError naming the shard if it cannot be read at all. A truncated or corrupt shard gives the index
+    of its whole samples, with ``problem`` set: the sample being read when the shard broke is kept only if the
+    break came between two of its members' samples (a member cut short starts a new key).
     """
     path = Path(path)
     keys: list[str] = []
     members: list[dict[str, tuple[int, int]]] = []
-    size_on_disk = path.stat().st_size if path.exists() else 0
-    last_is_whole = False  # whether the break came between two samples, so the last one listed is whole
+    problem = None
     try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, ext = split_member_name(member.name)
-                if member.offset_data + member.size > size_on_disk:
-                    last_is_whole = not keys or keys[-1] != key
-                    raise tarfile.ReadError(f"member {member.name} truncated")
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                    members.append({})
-                members[-1][ext] = (member.offset_data, member.size)
-            _check_archive_end(tar, path)
-    except (tarfile.TarError, EOFError) as e:
-        if keys and not last_is_whole:
-            keys.pop(), members.pop()
-        if not keys:
-            raise DataError(f"shard {path}: no whole sample in it ({e})") from e
-        log.warning("shard %s: %s; using its first %d samples", path, e, len(keys))
+        size_on_disk = path.stat().st_size
+        last_is_whole = False  # whether the break came between two samples, so the last one listed is whole
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    key, ext = split_member_name(member.name)
+                    if member.offset_data + member.size > size_on_disk:
+                        last_is_whole = not keys or keys[-1] != key
+                        raise tarfile.ReadError(f"member {member.name} truncated")
+                    if not keys or keys[-1] != key:
+                        keys.append(key)
+                        members.append({})
+                    members[-1][ext] = (member.offset_data, member.size)
+                _check_archive_end(tar, size_on_disk)
+        except (tarfile.TarError, EOFError) as e:
+            if keys and not last_is_whole:
+                keys.pop(), members.pop()
+            if not keys:
+                raise DataError(f"shard {path}: no whole sample in it ({e})") from e
+            problem = f"{type(e).__name__}: {e}"
+            log.warning("shard %s: %s; using its first %d samples", path, e, len(keys))
     except OSError as e:
         raise DataError(f"shard {path}: {e}") from e
-    return ShardIndex(np.array(keys, dtype=str), members)
+    return ShardIndex(np.array(keys, dtype=str), members, problem)
 
 
-def _write_index_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+def _check_archive_end(tar: tarfile.TarFile, size_on_disk: int) -> None:
+    """ReadError unless the archive's end-of-archive blocks are there: tarfile reads a shard cut at a
+    member boundary as a whole archive, whose last sample may then lack members."""
+    if size_on_disk < tar.offset + 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive marker after {tar.offset} bytes")
+
+
+ErrorReporter = Callable[[Path, str], None]
+
+
+def _warn_unreadable(path: Path, message: str) -> None:
+    log.warning("shard %s: %s; skipping the rest of it", path, message)
+
+
+def iter_shard(
+    path: str | os.PathLike, start: int = 0, on_error: ErrorReporter | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` per sample, grouped by key in tar order, from sample ``start`` on.
+
+    Reads by the shard's index (``load_index``). A missing, truncated or corrupt shard never raises: iteration
+    stops after the last whole sample and ``on_error(path, message)`` is called once (default: a logged
+    warning). Non-file members are skipped.
+    """
+    path = Path(path)
+    report = on_error or _warn_unreadable
+    try:
+        index = load_index(path)
+    except DataError as e:
+        report(path, str(e))
+        return
+    reader = MemberReader([path])
+    try:
+        for key, members in zip(index.keys[start:].tolist(), index.members[start:]):
+            yield key, {ext: reader.read(0, offset, size) for ext, (offset, size) in members.items()}
+    except OSError as e:  # cut short after its index was written
+        report(path, f"{type(e).__name__}: {e}")
+        return
+    finally:
+        reader.close()
+    if index.problem is not None:
+        report(path, index.problem)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Index files (DALI wds2idx format)
+
+
+def index_path_for(shard: str | os.PathLike) -> Path:
+    """The index beside a shard, named as ``wds2idx`` names it: ``data/00012.tar`` -> ``data/00012.idx``."""
+    shard = Path(shard)
+    return shard.with_name(split_member_name(shard.name)[0] + ".idx")
+
+
+def write_index_file(path: str | os.PathLike, index: ShardIndex) -> None:
+    """Write ``index`` as a ``wds2idx`` file, atomically."""
+    with atomic_write(path, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(index)}\n" + "".join(line + "\n" for line in index.lines()))
 
 
 def write_index(shard: str | os.PathLike, index_path: str | os.PathLike | None = None) -> Path:
@@ -316,7 +314,7 @@ def write_index(shard: str | os.PathLike, index_path: str | os.PathLike | None =
     shard_index = scan_shard(shard)
     if len(shard_index) == 0:
         raise DataError(f"shard {shard}: no samples")
-    _write_index_lines(out, shard_index.lines())
+    write_index_file(out, shard_index)
     return out
 
 
@@ -345,7 +343,8 @@ def read_index(index_path: str | os.PathLike) -> ShardIndex:
 
 
 def load_index(shard: str | os.PathLike) -> ShardIndex:
-    """The shard's index: from the file beside it when that is at least as new as the shard, else scanned."""
+    """The shard's index: from the file beside it when that is at least as new as the shard (the one freshness
+    rule), else scanned from the shard's headers. DataError if the shard cannot be read at all."""
     shard = Path(shard)
     idx = index_path_for(shard)
     try:

@@ -8,12 +8,11 @@ One pipeline per loader; on a GPU::
       -> fn.crop_mirror_normalize (mirror, (x - 255 mean) / (255 std), NHWC, fp16 or fp32)
 
 Without a GPU the pipeline stops after ``fn.decoders.image_slice`` (libjpeg-turbo on DALI's CPU threads) and
-torch resizes, mirrors and normalizes each crop on threads of its own (``torch_loader.CropFinisher``) while
-DALI decodes the next batches: DALI's CPU resize costs ~0.9 ms per 224 crop, torch's vectorized uint8 resampler
-~0.24 ms, and the region decode (~0.8 ms) already costs less than the full decode (~0.9 ms).
+torch resizes, mirrors and normalizes each crop on threads of its own (``common.CropFinisher``) while
+DALI decodes the next batches: torch's vectorized uint8 resampler costs a fraction of DALI's CPU resize.
 
 ``image_slice`` with a box decodes only that region, as ``fn.decoders.image_random_crop`` does; the box
-comes from ``decode.prepare_chunk`` (torchvision's RandomResizedCrop rule, drawn from the sample's position)
+comes from ``common.prepare_chunk`` (torchvision's RandomResizedCrop rule, drawn from the sample's position)
 instead of DALI's own generator, for two reasons: the torch backend cuts the same boxes, and a resumed run
 draws the boxes of the uninterrupted one (DALI's generator state cannot be saved). For the same reasons the
 bytes come from our stream (resampling copies, rank split, exact position) through ``external_source``, not
@@ -41,10 +40,9 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from fastpretrain.data.config import DataConfig
-from fastpretrain.data.decode import CropSpec, PreparedChunk, prepare_chunk
-from fastpretrain.data.shards import MemberReader
+from fastpretrain.data.decoders.common import CropFinisher, CropSpec, PreparedChunk, prepare_chunk
 from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleTable
-from fastpretrain.data.torch_loader import CropFinisher
+from fastpretrain.formats.shards import MemberReader
 
 log = logging.getLogger("fastpretrain.data")
 

@@ -6,24 +6,19 @@ Saves are atomic (write a temporary file, fsync, rename), so a job killed mid-sa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from fastpretrain.errors import UserError
+from fastpretrain.formats.files import atomic_write
 
 FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with atomic_write(path, durable=True) as f:
         torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path, vocab_hash: str | None = None) -> dict:

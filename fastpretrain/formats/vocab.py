@@ -1,5 +1,5 @@
-"""The hashtag vocabulary: its classes (index, wnid, lemmas, image count) and ``vocab.json``, whose content hash
-checkpoints and label indexes record. ``build.py`` makes one from posts.
+"""The hashtag vocabulary file, ``vocab.json``: its classes (index, wnid, lemmas, image count) and the content hash
+that checkpoints and label indexes record. ``fastpretrain.hashtags.build`` makes one from posts.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from fastpretrain.errors import UserError
-from fastpretrain.hashtags.wordnet import WORDNET_VERSION, NounTable
+from fastpretrain.formats.files import atomic_write
 
 FORMAT_VERSION = 1
+WORDNET_VERSION = "3.0"  # ImageNet's wnids are WordNet 3.0 offsets; another version would give other ids
 
 
 @dataclass
@@ -58,13 +59,6 @@ class Vocab:
     def wnids(self) -> list[str]:
         return [c.wnid for c in self.classes]
 
-    def class_of_synset(self, table: NounTable) -> np.ndarray:
-        """(S,) int32 over the noun table's synsets: the class id, or -1 for a synset outside the vocabulary."""
-        mapping = np.full(len(table.offsets), -1, dtype=np.int32)
-        for c in self.classes:
-            mapping[table.synset_of_wnid[c.wnid]] = c.index
-        return mapping
-
     def save(self, path: str | os.PathLike) -> None:
         """Write ``vocab.json`` atomically."""
         head = {"format_version": FORMAT_VERSION, "wordnet_version": self.wordnet_version, "sense": self.sense,
@@ -73,7 +67,8 @@ class Vocab:
         # One line per class keeps a 17k-class file readable and diffable.
         classes = ",\n".join("  " + json.dumps(vars(c)) for c in self.classes)
         text = json.dumps(head, indent=1).removesuffix("\n}") + f',\n "classes": [\n{classes}\n ]\n}}\n'
-        _write_atomic(Path(path), text)
+        with atomic_write(path, "w") as f:
+            f.write(text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
@@ -102,9 +97,3 @@ class Vocab:
             raise UserError(f"vocabulary {path} is corrupt: its content hash does not match its classes")
         return vocab
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
