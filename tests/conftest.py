@@ -1,12 +1,59 @@
-"""Session-wide test setup.
+"""Session-wide test setup, and the one source of randomness for tests.
 
 Triton's interpreter must be switched on before triton is imported (``import torchvision`` imports it),
 so this runs before any test module: on a machine without CUDA, Triton kernels run on CPU tensors.
+
+Every test that draws random inputs takes them from the ``seed`` fixture (or ``rng``, ``py_rng``, ``gen``, all made
+from it): a fresh seed per test, or ``$FASTPRETRAIN_TEST_SEED`` to replay one. A failing test's report names its
+seed and the command line that replays it.
 """
 
-import os
+from __future__ import annotations
 
+import os
+import random
+
+import numpy as np
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SEED_ENV = "FASTPRETRAIN_TEST_SEED"
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """This test's seed: ``$FASTPRETRAIN_TEST_SEED`` when set, else a fresh one (32 bits)."""
+    replay = os.environ.get(SEED_ENV)
+    value = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
+    request.node.test_seed = value
+    return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """A NumPy generator seeded with this test's seed."""
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def py_rng(seed) -> random.Random:
+    """A Python ``random.Random`` seeded with this test's seed."""
+    return random.Random(seed)
+
+
+@pytest.fixture
+def gen(seed) -> torch.Generator:
+    """A torch CPU generator seeded with this test's seed."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "test_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"{SEED_ENV}={seed} pytest '{item.nodeid}'"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -20,11 +19,6 @@ from fastpretrain.data.decoders.torch import apply_orientation
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = time.time_ns() % 2**32
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
 
 
 def encode(array: np.ndarray, fmt: str = "JPEG", mode: str = "RGB", **options) -> bytes:

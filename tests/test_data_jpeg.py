@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import io
 import re
-import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,11 +63,6 @@ PROGRESSIVE = [name for name, e in ENCODINGS.items() if e.options.get("progressi
 DECODE_FAILED = r"^JPEG decode failed: \S"
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = time.time_ns() % 2**32
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
 
 
 @pytest.fixture(scope="module")

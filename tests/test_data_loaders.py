@@ -13,7 +13,6 @@ import os
 import logging
 import math
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +57,6 @@ WNIDS = [f"n{i:08d}" for i in range(6)]
 VOCAB_HASH = Vocab.hash_of(WNIDS, "concrete-first", "3.0")
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = time.time_ns() % 2**32
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -87,7 +81,7 @@ def encode(array: np.ndarray, fmt: str = "JPEG", mode: str = "RGB", **options) -
 @dataclass
 class Corpus:
     shards: Path
-    labels: Path
+    label_dir: Path
     vocab: Vocab
     rows: dict[str, list[int]]  # the label row of every sample in a shard's label index
     colours: dict[tuple[int, int, int], str]  # colour -> key, for samples with a decodable image
@@ -100,7 +94,7 @@ class Corpus:
         return [k for k in self.order if self.rows.get(k) and k in decodable]
 
     def config(self, **overrides) -> DataConfig:
-        settings = dict(shards=str(self.shards), label_dir=str(self.labels), batch_size=5, image_size=16,
+        settings = dict(shards=str(self.shards), label_dir=str(self.label_dir), batch_size=5, image_size=16,
                         workers=0, shuffle_buffer=8, resample="natural", seed=self.seed)
         settings.update(overrides)
         return DataConfig(**settings)
@@ -113,10 +107,19 @@ def make_vocab(rows: list[list[int]]) -> Vocab:
     return Vocab(classes, "concrete-first", VOCAB_HASH, sum(1 for row in rows if row))
 
 
+@dataclass
+class Sample:
+    """One sample as a corpus writes it: its shard ``files``, its ``row`` in the label index (None: the key is left
+    out of the label index) and the colour its image ``shows`` (None: it must not decode)."""
+
+    files: dict[str, bytes]
+    row: list[int] | None
+    shows: tuple[int, int, int] | None
+
+
 def make_corpus(root: Path, rng: np.random.Generator, shards: int = 3, per_shard: int = 12, odd=None) -> Corpus:
     """``shards`` shards of ``per_shard`` textured JPEGs of random sizes (8 to 59 pixels a side);
-    ``odd(shard, i, key, rgb)`` may replace a sample by ``(files, label row or None to leave the key out of the
-    label index, the colour its image shows or None if it must not decode)``."""
+    ``odd(shard, i, key, rgb)`` may replace a sample by a ``Sample`` (or return None to keep it)."""
     rows, colours, order, number = {}, {}, [], 0
     for s in range(shards):
         path = root / "train" / f"{s:05d}.tar"
@@ -129,7 +132,7 @@ def make_corpus(root: Path, rng: np.random.Generator, shards: int = 3, per_shard
                 image = textured(rng, rgb, int(rng.integers(8, 60)), int(rng.integers(8, 60)))
                 files, shown = {"jpg": encode(image), "json": b"{}"}, rgb
                 if odd is not None and (replaced := odd(s, i, key, rgb)) is not None:
-                    files, row, shown = replaced
+                    files, row, shown = replaced.files, replaced.row, replaced.shows
                 writer.write(key, files)
                 order.append(key)
                 if shown is not None:
@@ -324,19 +327,19 @@ def odd_samples(s: int, i: int, key: str, rgb):
     image = textured(np.random.default_rng(i), rgb, 40, 30)
     jpeg = encode(image)
     cases = {
-        0: ({"jpg": encode(image, mode="CMYK"), "json": b"{}"}, [1], rgb),
-        1: ({"jpg": encode(textured(np.random.default_rng(i), GREY, 30, 40), mode="L"), "json": b"{}"}, [2], GREY),
-        2: ({"jpg": encode(image, progressive=True), "json": b"{}"}, [1], rgb),
-        3: ({"jpg": encode(np.full((1, 1, 3), rgb, np.uint8)), "json": b"{}"}, [3], rgb),
-        4: ({"jpg": encode(image, "PNG"), "json": b"{}"}, [4], rgb),
-        5: ({"jpg": encode(image, "WEBP", lossless=True), "json": b"{}"}, [5], rgb),
-        6: ({"jpg": jpeg[: len(jpeg) // 2], "json": b"{}"}, [1], None),  # truncated
-        7: ({"jpg": b"<html>403 Forbidden</html>", "json": b"{}"}, [1], None),  # not an image
-        8: ({"jpg": encode(textured(np.random.default_rng(i), rgb, 60, 60)), "json": b"{}"}, [2], None),  # too large
-        9: ({"jpg": jpeg}, [2], None),  # no metadata
-        10: ({"jpg": jpeg, "json": b"{}"}, None, None),  # not in the label index
-        11: ({"jpg": bogus_sampling(jpeg), "json": b"{}"}, [3], None),  # a sound header, an undecodable body
-        12: ({"jpg": jpeg, "txt": b"a caption #tag"}, [4], rgb),  # a .txt caption instead of a .json: usable
+        0: Sample({"jpg": encode(image, mode="CMYK"), "json": b"{}"}, [1], rgb),
+        1: Sample({"jpg": encode(textured(np.random.default_rng(i), GREY, 30, 40), mode="L"), "json": b"{}"}, [2], GREY),
+        2: Sample({"jpg": encode(image, progressive=True), "json": b"{}"}, [1], rgb),
+        3: Sample({"jpg": encode(np.full((1, 1, 3), rgb, np.uint8)), "json": b"{}"}, [3], rgb),
+        4: Sample({"jpg": encode(image, "PNG"), "json": b"{}"}, [4], rgb),
+        5: Sample({"jpg": encode(image, "WEBP", lossless=True), "json": b"{}"}, [5], rgb),
+        6: Sample({"jpg": jpeg[: len(jpeg) // 2], "json": b"{}"}, [1], None),  # truncated
+        7: Sample({"jpg": b"<html>403 Forbidden</html>", "json": b"{}"}, [1], None),  # not an image
+        8: Sample({"jpg": encode(textured(np.random.default_rng(i), rgb, 60, 60)), "json": b"{}"}, [2], None),  # too large
+        9: Sample({"jpg": jpeg}, [2], None),  # no metadata
+        10: Sample({"jpg": jpeg, "json": b"{}"}, None, None),  # not in the label index
+        11: Sample({"jpg": bogus_sampling(jpeg), "json": b"{}"}, [3], None),  # a sound header, an undecodable body
+        12: Sample({"jpg": jpeg, "txt": b"a caption #tag"}, [4], rgb),  # a .txt caption instead of a .json: usable
     }
     return cases.get(i)
 
@@ -389,7 +392,7 @@ def test_bad_data_is_skipped_counted_and_never_shortens_a_batch(tmp_path, rng, b
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_too_many_corrupt_images_stop_with_an_error_naming_the_shard(tmp_path, rng, backend):
     def corrupt_some(s, i, key, rgb):
-        return ({"jpg": b"\xff\xd8\xff garbage", "json": b"{}"}, [1], None) if s == 1 and i % 2 else None
+        return Sample({"jpg": b"\xff\xd8\xff garbage", "json": b"{}"}, [1], None) if s == 1 and i % 2 else None
 
     corpus = make_corpus(tmp_path, rng, shards=3, per_shard=10, odd=corrupt_some)
     loader = build_train_loader(corpus.config(backend=backend, max_bad_fraction=0.1), corpus.vocab, CPU,
@@ -426,7 +429,7 @@ def photo_corpus(tmp_path: Path, rng: np.random.Generator, count: int) -> Corpus
             (int(rng.integers(40, 120)), int(rng.integers(40, 120))), Image.BICUBIC))
         exif = Image.Exif()
         exif[0x0112] = int(rng.choice([1, 1, 3, 6, 8]))
-        return {"jpg": encode(image, exif=exif), "json": b"{}"}, [1], rgb
+        return Sample({"jpg": encode(image, exif=exif), "json": b"{}"}, [1], rgb)
 
     return make_corpus(tmp_path, rng, shards=1, per_shard=count, odd=photo)
 
@@ -556,16 +559,16 @@ def test_label_index_of_another_vocabulary_is_refused(tmp_path, rng):
 def test_label_outside_the_vocabulary_is_refused_naming_the_shard(tmp_path, rng):
     corpus = make_corpus(tmp_path, rng, shards=2)
     bad_shard = corpus.shards / "00001.tar"
-    index = LabelIndex.load(label_index_path(corpus.labels, bad_shard))
+    index = LabelIndex.load(label_index_path(corpus.label_dir, bad_shard))
     index.labels[-1] = len(WNIDS)  # one past the last class
-    index.save(label_index_path(corpus.labels, bad_shard))
+    index.save(label_index_path(corpus.label_dir, bad_shard))
     with pytest.raises(DataError, match=f"00001.tar names class {len(WNIDS)}.* {len(WNIDS)} classes"):
         build_train_loader(corpus.config(), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
 
 
 def test_missing_label_indexes_count_as_bad_samples(tmp_path, rng):
     corpus = make_corpus(tmp_path, rng, shards=2)
-    label_index_path(corpus.labels, corpus.shards / "00001.tar").unlink()
+    label_index_path(corpus.label_dir, corpus.shards / "00001.tar").unlink()
     loader = build_train_loader(corpus.config(max_bad_fraction=0.6), corpus.vocab, CPU, torch.float32, rank=0,
                                 world_size=1)
     assert loader.skipped["missing_labels"] == 12

@@ -29,12 +29,6 @@ from fastpretrain.formats.shards import (
 from fastpretrain.errors import UserError
 
 
-@pytest.fixture
-def rng(request) -> np.random.Generator:
-    seed = time.time_ns() % 2**32
-    request.node.user_properties.append(("seed", seed))
-    print(f"seed {seed}")  # shown by pytest on failure
-    return np.random.default_rng(seed)
 
 
 def random_samples(rng: np.random.Generator, n: int, prefix: str = "") -> dict[str, dict[str, bytes]]:

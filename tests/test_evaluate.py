@@ -2,6 +2,7 @@
 
 import torch
 
+from fastpretrain.data import Batch
 from fastpretrain.evaluate import evaluate, multi_hot, precision_at_k
 
 
@@ -13,8 +14,7 @@ def random_csr(batch, classes, gen, max_labels=4):
     return rows, labels, offsets
 
 
-def test_multi_hot_and_precision_at_k_match_a_loop():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_multi_hot_and_precision_at_k_match_a_loop(gen):
     batch, classes = 37, 11
     rows, labels, offsets = random_csr(batch, classes, gen)
     # float64: two float32 normals are equal 1.4e-8 of the time, and a tie at the k-th place may be broken
@@ -30,13 +30,7 @@ def test_multi_hot_and_precision_at_k_match_a_loop():
             assert abs(got[i].item() - sum(c in row for c in top) / k) < 1e-6
 
 
-class Batch:
-    def __init__(self, images, labels, offsets):
-        self.images, self.labels, self.offsets = images, labels, offsets
-
-
-def test_evaluate_averages_over_labeled_images_only():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_evaluate_averages_over_labeled_images_only(gen):
     classes = 6
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, classes))
     batches, expected_p1, expected_major, labeled = [], 0.0, 0.0, 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import stat
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,11 +19,6 @@ from fastpretrain.hashtags.canonical import Canonicalizer, hashtag_key
 CONCRETE = {"noun.animal", "noun.artifact", "noun.body", "noun.food", "noun.object", "noun.plant"}
 
 
-@pytest.fixture
-def rng() -> random.Random:
-    seed = time.time_ns()
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +88,21 @@ def test_key_rule(tag, key):
 # --- rule 2 and 4: lemma match and sense choice ----------------------------------------------------------------
 
 
-def random_surface(name: str, rng: random.Random) -> str:
+def random_surface(name: str, py_rng: random.Random) -> str:
     """How a person might type a lemma as a hashtag: any case, separators squashed or kept, a leading '#'."""
-    separator = rng.choice(["", " ", "-", "_"])
+    separator = py_rng.choice(["", " ", "-", "_"])
     text = name.replace("_", separator)
-    text = "".join(ch.upper() if rng.random() < 0.3 else ch for ch in text)
-    return rng.choice(["", "#", "##"]) + text
+    text = "".join(ch.upper() if py_rng.random() < 0.3 else ch for ch in text)
+    return py_rng.choice(["", "#", "##"]) + text
 
 
 @pytest.mark.parametrize("sense", ["concrete-first", "first"])
-def test_random_lemmas_map_to_their_reference_sense(rng, lemmas_by_key, concrete_first, first, sense):
+def test_random_lemmas_map_to_their_reference_sense(py_rng, lemmas_by_key, concrete_first, first, sense):
     canonicalizer = concrete_first if sense == "concrete-first" else first
-    keys = rng.sample(sorted(k for k in lemmas_by_key if not k.isdigit()), 400)
+    keys = py_rng.sample(sorted(k for k in lemmas_by_key if not k.isdigit()), 400)
     for key in keys:
         names = lemmas_by_key[key]
-        tag = random_surface(rng.choice(names), rng)
+        tag = random_surface(py_rng.choice(names), py_rng)
         expected = reference_choice(reference_candidates(names), sense)
         assert canonicalizer.canonical(tag) == expected, (tag, names)
 
@@ -158,10 +152,10 @@ def plural(word: str) -> str:
     return word + "s"
 
 
-def test_plurals_follow_nltk_morphy(rng, lemmas_by_key, concrete_first):
+def test_plurals_follow_nltk_morphy(py_rng, lemmas_by_key, concrete_first):
     simple = sorted(k for k, names in lemmas_by_key.items() if names == [k] and k.isalpha() and len(k) > 2)
     checked = 0
-    for word in rng.sample(simple, 600):
+    for word in py_rng.sample(simple, 600):
         form = plural(word)
         if form in lemmas_by_key:  # a lemma of its own: rule 2, not 3
             continue
@@ -192,11 +186,11 @@ def test_plurals_with_several_possible_bases_take_morphy_s_first_rule(lemmas_by_
         assert concrete_first.canonical(form) == expected, (form, base)
 
 
-def test_irregular_plurals_from_the_exception_list(rng, lemmas_by_key, concrete_first):
+def test_irregular_plurals_from_the_exception_list(py_rng, lemmas_by_key, concrete_first):
     with wn.open("noun.exc") as f:
         rows = [line.split() for line in f.read().splitlines() if line.strip()]
     irregular = [form for form, *_ in rows if form.isalpha() and form not in lemmas_by_key]
-    for form in rng.sample(irregular, min(300, len(irregular))):
+    for form in py_rng.sample(irregular, min(300, len(irregular))):
         base = wn.morphy(form, "n")
         if base is None:
             continue  # WordNet lists it, but its base is no noun: rule 3's suffix step may still find one
@@ -204,10 +198,10 @@ def test_irregular_plurals_from_the_exception_list(rng, lemmas_by_key, concrete_
         assert concrete_first.canonical(form) == expected, (form, base)
 
 
-def test_squashed_multiword_plurals(rng, lemmas_by_key, concrete_first):
+def test_squashed_multiword_plurals(py_rng, lemmas_by_key, concrete_first):
     multiword = sorted(k for k, names in lemmas_by_key.items() if len(names) == 1 and "_" in names[0]
                        and k.isalpha() and not k.endswith(("s", "x", "z", "ch", "sh", "y")))
-    for key in rng.sample(multiword, 300):
+    for key in py_rng.sample(multiword, 300):
         form = key + "s"
         if form in lemmas_by_key:
             continue
@@ -229,10 +223,10 @@ def test_digit_lemmas_exist_but_digits_only_tags_give_none(concrete_first):
     assert concrete_first.canonical("1000") is None
 
 
-def test_memo_stays_bounded_and_answers_stay_right(monkeypatch, rng, lemmas_by_key):
+def test_memo_stays_bounded_and_answers_stay_right(monkeypatch, py_rng, lemmas_by_key):
     monkeypatch.setattr(canonical, "MEMO_LIMIT", 16)
     canonicalizer = Canonicalizer("first", table=wordnet.noun_table())
-    keys = rng.sample(sorted(k for k in lemmas_by_key if not k.isdigit()), 100)
+    keys = py_rng.sample(sorted(k for k in lemmas_by_key if not k.isdigit()), 100)
     first_pass = [canonicalizer.canonical(k) for k in keys]
     assert len(canonicalizer._memo) <= 16
     assert [canonicalizer.canonical(k) for k in keys] == first_pass
@@ -299,10 +293,10 @@ def test_table_cache_has_the_mode_a_plain_open_gives(tmp_path):
     assert stat.S_IMODE((tmp_path / "t.json").stat().st_mode) == mode
 
 
-def test_table_matches_wordnet(rng):
+def test_table_matches_wordnet(py_rng):
     table = wordnet.noun_table()
     assert table.wordnet_version == "3.0" and len(table.offsets) == 82115  # WordNet 3.0's noun synsets
-    for s in rng.sample(range(len(table.offsets)), 200):
+    for s in py_rng.sample(range(len(table.offsets)), 200):
         synset = wn.synset_from_pos_and_offset("n", table.offsets[s])
         assert table.lexnames[s] == synset.lexname() and table.lemmas[s] == synset.lemma_names()
         assert table.wnid(s) == wnid(synset) and table.synset_of_wnid[wnid(synset)] == s

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 import zipfile
 from pathlib import Path
 
@@ -15,11 +14,6 @@ from fastpretrain.errors import DataError
 from fastpretrain.formats.labels import LabelIndex, label_index_path
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = time.time_ns() % 2**32
-    print(f"seed {seed}")  # shown by pytest when the test fails
-    return np.random.default_rng(seed)
 
 
 def random_rows(rng: np.random.Generator, n: int, classes: int) -> list[list[int]]:

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -27,11 +26,6 @@ from stats import binomial_range
 FALSE_ALARM = 1e-7  # the chance that a statistical check below fails on correct code, per test
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = time.time_ns() % 2**32
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
 
 
 def reference_class_r(counts: list[int], num_images: int, mode: str, t: float | None) -> list[float]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import random
-import time
 from pathlib import Path
 
 import pytest
@@ -159,9 +157,8 @@ def test_formats_by_name_and_unknown_files_refused(tmp_path):
         list_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.csv")])
 
 
-def test_keys_over_the_limit_are_skipped_as_malformed_and_counted(tmp_path):
-    rng = random.Random(seed := time.time_ns())
-    print(f"seed {seed}")
+def test_keys_over_the_limit_are_skipped_as_malformed_and_counted(tmp_path, py_rng):
+    rng = py_rng
     limit = sources.MAX_KEY_CHARS
     lengths = [rng.choice([1, limit - 1, limit, limit + 1, 10_000, rng.randint(1, 2 * limit)]) for _ in range(40)]
     keys = [f"{i:03d}".ljust(n, "k") if n >= 3 else "k" * n for i, n in enumerate(lengths)]

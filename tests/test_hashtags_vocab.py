@@ -8,7 +8,6 @@ import json
 import math
 import random
 import tarfile
-import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -51,11 +50,6 @@ JSONL_POSTS = [
 HAND_RANKING = [(DOG, 3), (CAR, 3), (ICE_CREAM, 2), (GOLDEN, 1), (TREE, 1)]
 
 
-@pytest.fixture
-def rng() -> random.Random:
-    seed = time.time_ns()
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def write_shard(path: Path, posts) -> Path:
@@ -165,15 +159,15 @@ def test_inputs_sharing_a_label_index_name_are_refused(tmp_path):
         build_vocab(VocabBuildConfig(data=[str(a), str(b)], out=str(tmp_path / "v.json")))
 
 
-def random_corpus(folder: Path, rng: random.Random, canonicalizer: Canonicalizer) -> list[str]:
+def random_corpus(folder: Path, py_rng: random.Random, canonicalizer: Canonicalizer) -> list[str]:
     """Shards and metadata of random posts from a long-tailed tag pool with synonyms, plurals and noise."""
     table = canonicalizer.table
-    words = rng.sample([k for k in table.keys if k.isalpha() and len(k) > 3], 150)
+    words = py_rng.sample([k for k in table.keys if k.isalpha() and len(k) > 3], 150)
     pool = words + [w + "s" for w in words[:40]] + ["instagood", "love", "photooftheday", "😀", "x" * 300]
     weights = [1.0 / (i + 1) ** 0.8 for i in range(len(pool))]
     inputs = []
     for f in range(5):
-        posts = [(f"{f}{i:04d}", {"tags": rng.choices(pool, weights, k=rng.randint(0, 7))}) for i in range(120)]
+        posts = [(f"{f}{i:04d}", {"tags": py_rng.choices(pool, weights, k=py_rng.randint(0, 7))}) for i in range(120)]
         if f == 4:
             inputs.append(str(write_jsonl(folder / "meta.jsonl", [{"key": k, **m} for k, m in posts])))
         else:
@@ -181,9 +175,9 @@ def random_corpus(folder: Path, rng: random.Random, canonicalizer: Canonicalizer
     return inputs
 
 
-def test_random_corpus_against_a_direct_count_and_identical_across_worker_counts(tmp_path, rng):
+def test_random_corpus_against_a_direct_count_and_identical_across_worker_counts(tmp_path, py_rng):
     canonicalizer = Canonicalizer()
-    inputs = random_corpus(tmp_path, rng, canonicalizer)
+    inputs = random_corpus(tmp_path, py_rng, canonicalizer)
     built = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}" / "vocab.json"
@@ -305,11 +299,11 @@ DROPPED_BY_HAND = {
 NOUNS = ["dog", "Dogs", "car", "#IceCream"]
 
 
-def test_dropped_hashtags_are_counted_by_reason(tmp_path, rng, capsys):
+def test_dropped_hashtags_are_counted_by_reason(tmp_path, py_rng, capsys):
     assert all(not wn.synsets(tag, "n") for tag in DROPPED_BY_HAND["not_a_noun"])
     reason_of = {tag: reason for reason, tags in DROPPED_BY_HAND.items() for tag in tags}
     pool = [*reason_of, *NOUNS]
-    rows = [{"key": f"k{i}", "tags": rng.choices(pool, k=rng.randint(1, 6))} for i in range(60)]
+    rows = [{"key": f"k{i}", "tags": py_rng.choices(pool, k=py_rng.randint(1, 6))} for i in range(60)]
     rows.append({"key": "long", "tags": ["x" * 200, "dog", "dog"]})  # one too long (dropped while reading)
     out = tmp_path / "vocab.json"
     summary = build_vocab(VocabBuildConfig(data=[str(write_jsonl(tmp_path / "m.jsonl", rows))], out=str(out)))
