@@ -7,36 +7,22 @@
 //
 // A row (17,000 floats = 68 KB) fits in L2, so its passes (max, taken while the previous row's exps are
 // computed; exp and sum, storing the exps; targets; scale) touch memory once for the logits and once for
-// the gradient. Storing the exps and rescaling them
-// beat recomputing the exps in the last pass (single-threaded: 3.1 vs 3.6 ms in place at 256 x 17000).
-// Reduced types (bf16, fp16) are widened in registers as they are read; their exps go to a float32
-// scratch row, reused row after row, so that each gradient element is rounded to its dtype once.
+// the gradient. Storing the exps and rescaling them beats recomputing them in the last pass. Reduced types
+// (bf16, fp16) are widened in registers as they are read; their exps go to a float32 scratch row, reused row
+// after row, so that each gradient element is rounded to its dtype once.
 //
-// Floor, measured before optimizing (2-core AVX-512 machine, 2026-11-29, in place):
-//   bytes: one read + one write of the logits. 256 x 17000 float32 is 17 MB, which stays in the
-//     last-level cache between calls: a copy of it takes 1.25 ms on 1 thread, 0.65 ms on 2 (bf16: 0.33).
-//     1024 x 32768 float32 (134 MB) comes from DRAM: its copy takes 20 ms on 1 thread, 10.6 ms on 2
-//     (about 25 GB/s; bf16 3.5 ms).
-//   exps: one per element. ATen's exp_u20 took 0.26 ns per element on 1 thread (exp, store and sum of
-//     an L2-resident row): 4.35 M elements, 1.13 ms on 1 thread, 0.57 ms on 2. The max, scale and bf16
-//     conversion passes add about half as many vector instructions again.
-//   So 256 x 17000 looked compute-bound (about 0.85 ms of vector work on 2 threads against a 0.65 ms
-//   copy), 1024 x 32768 float32 memory-bound (10.6 ms), its bf16 compute-bound (34 M exps: 4.4 ms).
-// Found then: the kernel ran 2.0 ms at 256 x 17000 float32 on 1 thread and on 2 alike, because ATen's
-// at::parallel_for, a header template, is serial unless the extension is compiled with OpenMP
-// (cpp_extension.py now passes -fopenmp). Predicted: 2x from the second core where it is free; 10% from
-// prefetching the next row during the exps (its max pass then reads L2, not the last-level cache); 20%
-// from an exp of 12 instead of 21 vector instructions (vec_exp below).
-// Measured after: the exp alone went from 0.25-0.38 to 0.13 ns per element, and the kernel (alone, in
-// place, 1 / 2 threads) at 256 x 17000 from 2.04 to 1.6 / 0.85 ms in float32, 2.33 to 1.75 / 0.9 in bf16.
-// The prefetch gained little: timing the passes one by one then showed the max pass, stalled on the
-// first read of the row, costing as much as the exps (0.5 of 1.5 ms in float32, 0.6 of 1.7 in bf16).
-// Taking each row's max during the previous row's exps instead (their arithmetic hides the loads) gave
-// 1.13 / 0.67 ms in float32 and 1.26 / 0.71 in bf16. 1024 x 32768 float32 ran 19.4 / 9.7 ms before that
-// last step, at the copy's 10.6: the floor. Rounding bf16 with AVX512-BF16's one-instruction conversion
-// instead of ATen's 16-instruction emulation changed nothing (tried, not kept).
-// Both cores are shared with other jobs here: a busy second core makes any 2-thread region, ours or
-// PyTorch's, wait for it (8 ms steps seen), hence rows are handed out dynamically.
+// The floor is one read and one write of the logits, and one exp per element: a (256, 17000) batch stays in
+// the last-level cache between calls and is bound by the exps (hence vec_exp below, 12 vector instructions
+// instead of ATen's 21); a (1024, 32768) float32 batch comes from DRAM and is bound by that copy. The kernel
+// reaches the copy there (bench/test_bench_loss.py measures both against a copy, eager and torch.compile).
+// Why the rest is the way it is:
+// - at::parallel_for, a header template, runs serially unless the extension is compiled with OpenMP
+//   (cpp_extension.py passes -fopenmp);
+// - the max pass, stalled on the first read of each row, cost as much as the exps until each row's max was
+//   taken during the previous row's exps, whose arithmetic hides the loads;
+// - AVX512-BF16's one-instruction rounding instead of ATen's emulation changed nothing (tried, not kept);
+// - both cores are shared with other jobs on these machines, and a busy second core makes a statically split
+//   region wait for it, hence rows are handed out dynamically.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

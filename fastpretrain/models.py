@@ -79,14 +79,6 @@ def create_model(arch: str, num_classes: int) -> nn.Module:
     return _REGISTRY[arch](num_classes)
 
 
-def head(model: nn.Module) -> nn.Linear:
-    """The hashtag classifier (the layer transfer replaces)."""
-    fc = getattr(model, "fc", None)
-    if not isinstance(fc, nn.Linear):
-        raise TypeError(f"{type(model).__name__} has no linear head named 'fc'")
-    return fc
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
