@@ -259,7 +259,7 @@ def _measure(benchmark, corpora, backend: str, corpus: str, size: int, device: t
     root = corpora["root"]
     cfg = DataConfig(shards=str(root / corpus), label_dir=str(root / f"{corpus}-labels"), backend=backend,
                      batch_size=batch, image_size=size, workers=workers, resample="natural", seed=1)
-    ours = build_train_loader(cfg, _vocab(), device, dtype, rank=0, world_size=1)
+    ours = build_train_loader(cfg, _vocab(), device, dtype)
     baseline = _baseline(root / f"{corpus}-folder", size, batch, workers, device)
     torch.set_num_threads(1)  # the decode-only threads each run one decode; intra-op threads would oversubscribe
     with ThreadPoolExecutor(workers) as pool:

@@ -26,15 +26,18 @@ def precision_at_k(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.
     return target.gather(1, top).float().sum(1) / k
 
 
+METRICS = ("precision@1", "precision@5", "majority_precision@1")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, majority_class: int,
-             autocast: contextlib.AbstractContextManager | None = None) -> dict:
-    """Mean precision@1 and @5 over every image with at least one hashtag, and the precision@1 of
-    always ranking ``majority_class`` (the most frequent training class) first."""
+def evaluation_sums(model: nn.Module, batches: Iterable, majority_class: int,
+                    autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+    """Sums over every image with at least one hashtag of its precision@1 and @5 and of the precision@1 of always
+    ranking ``majority_class`` (the most frequent training class) first, and ``images``, their number: sums, so that
+    the shares of several processes add up (``mean_metrics`` turns them into means)."""
     was_training = model.training
     model.eval()
-    sums = {"precision@1": 0.0, "precision@5": 0.0, "majority_precision@1": 0.0}
-    images = 0
+    sums = dict.fromkeys(METRICS, 0.0) | {"images": 0.0}
     for batch in batches:
         with autocast or contextlib.nullcontext():
             logits = model(batch.images)  # (B, C)
@@ -44,6 +47,18 @@ def evaluate(model: nn.Module, batches: Iterable, majority_class: int,
         sums["precision@1"] += precision_at_k(logits, target, 1).sum().item()
         sums["precision@5"] += precision_at_k(logits, target, 5).sum().item()
         sums["majority_precision@1"] += target[:, majority_class].sum().item()
-        images += int(labeled.sum())
+        sums["images"] += int(labeled.sum())
     model.train(was_training)
-    return {name: total / max(images, 1) for name, total in sums.items()} | {"images": images}
+    return sums
+
+
+def mean_metrics(sums: dict[str, float]) -> dict:
+    """The means of ``evaluation_sums`` (0 without images), and the number of images."""
+    images = int(sums["images"])
+    return {name: sums[name] / max(images, 1) for name in METRICS} | {"images": images}
+
+
+def evaluate(model: nn.Module, batches: Iterable, majority_class: int,
+             autocast: contextlib.AbstractContextManager | None = None) -> dict:
+    """Mean precision@1 and @5 over every image with at least one hashtag, and the majority-class baseline."""
+    return mean_metrics(evaluation_sums(model, batches, majority_class, autocast))

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from fastpretrain import cpp_extension
 from fastpretrain import log as fastpretrain_log
 from fastpretrain.data import Batch, DataConfig, build_eval_loader, build_train_loader
+from fastpretrain.data.loader import merge_states
 from fastpretrain.data.decoders import resolve_data_backend
 from fastpretrain.data.decoders import torch as torch_decoder
 from fastpretrain.data.config import IMAGENET_MEAN, IMAGENET_STD
@@ -185,7 +186,7 @@ def check_batch(batch: Batch, corpus: Corpus, size: int, count: int, dtype=torch
 def test_train_batches_are_full_labelled_and_cover_each_epoch(tmp_path, rng, backend, device):
     corpus = make_corpus(tmp_path, rng)
     cfg = corpus.config(backend=backend, batch_size=int(rng.integers(3, 8)))
-    loader = build_train_loader(cfg, corpus.vocab, device, torch.float32, rank=0, world_size=1)
+    loader = build_train_loader(cfg, corpus.vocab, device, torch.float32)
     usable = corpus.usable()
     assert loader.batches_per_epoch == max(1, round(len(usable) / cfg.batch_size))
     seen: list[str] = []
@@ -203,8 +204,7 @@ def test_train_batches_are_full_labelled_and_cover_each_epoch(tmp_path, rng, bac
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_batches(tmp_path, rng, backend, device):
     corpus = make_corpus(tmp_path, rng, shards=1)
-    loaders = {dtype: build_train_loader(corpus.config(backend=backend), corpus.vocab, device, dtype, rank=0,
-                                         world_size=1)
+    loaders = {dtype: build_train_loader(corpus.config(backend=backend), corpus.vocab, device, dtype)
                for dtype in (torch.bfloat16, torch.float32)}
     half = next(loaders[torch.bfloat16])
     check_batch(half, corpus, 16, 5, dtype=torch.bfloat16, device=device)
@@ -218,22 +218,21 @@ def test_half_precision_batches(tmp_path, rng, backend, device):
 def test_resume_yields_the_batches_of_the_uninterrupted_run(tmp_path, rng, backend):
     corpus = make_corpus(tmp_path, rng, per_shard=8)
     cfg = corpus.config(backend=backend, resample="sqrt", batch_size=4)
-    run = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    run = build_train_loader(cfg, corpus.vocab, CPU, torch.float32)
     for _ in range(int(rng.integers(1, 8))):  # often past an epoch boundary (about 3 batches an epoch)
         next(run)
     state = run.state_dict()
     expected = [next(run) for _ in range(5)]
     run.close()
 
-    resumed = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    resumed = build_train_loader(cfg, corpus.vocab, CPU, torch.float32)
     resumed.load_state_dict(state)
-    assert resumed.epoch == state["epoch"]
+    assert resumed.places == {0: tuple(state["places"]["0"])}
     for want in expected:
         got = next(resumed)
         assert torch.equal(got.images, want.images)  # same samples, same crops, same flips
         assert torch.equal(got.labels, want.labels) and torch.equal(got.offsets, want.offsets)
-    other = build_train_loader(corpus.config(backend=backend, seed=corpus.seed + 1), corpus.vocab, CPU, torch.float32,
-                               rank=0, world_size=1)
+    other = build_train_loader(corpus.config(backend=backend, seed=corpus.seed + 1), corpus.vocab, CPU, torch.float32)
     with pytest.raises(UserError, match="seed"):
         other.load_state_dict(state)
 
@@ -242,45 +241,98 @@ def test_torch_workers_give_the_same_batches_as_in_process(tmp_path, rng):
     corpus = make_corpus(tmp_path, rng, shards=2, per_shard=10)
     batches = {}
     for workers in (0, 2):
-        loader = build_train_loader(corpus.config(workers=workers, backend="torch"), corpus.vocab, CPU, torch.float32,
-                                    rank=0, world_size=1)
+        loader = build_train_loader(corpus.config(workers=workers, backend="torch"), corpus.vocab, CPU, torch.float32)
         batches[workers] = [next(loader) for _ in range(6)]
         loader.close()
     for a, b in zip(batches[0], batches[2]):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
-def test_ranks_read_disjoint_shares_of_the_shards(tmp_path, rng):
-    # Rank 2 of 3 reads shard 2 alone, and a rank without a labeled sample is a DataError: with 4 samples a
-    # shard, 1 corpus in 256 (4^-4) had none there; with 12, 6e-8.
-    corpus = make_corpus(tmp_path, rng, shards=5, per_shard=12)
-    cfg = corpus.config(backend="torch")
-    plans = []
-    for rank in range(3):
-        loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=rank, world_size=3)
-        table = loader.stream.table
-        assert [p.name for p in table.paths] == [f"{s:05d}.tar" for s in range(5)][rank::3]
-        plans.append({str(table.keys[i]) for i in loader.stream.plan(0)})
-    assert sum(len(p) for p in plans) == len(set().union(*plans)) == len(corpus.usable())
-    with pytest.raises(UserError, match="6 ranks"):
-        build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=6)
+def epoch_of_batches(loaders: list, epoch: int) -> list[list[tuple[int, int]]]:
+    """Each loader's (epoch, plan position) of every image it yields until all its slots have left ``epoch``."""
+    seen = []
+    for loader in loaders:
+        origins = []
+        while loader.epoch <= epoch:
+            origins += [tuple(o) for o in next(loader).origin.tolist()]
+        seen.append(origins)
+        loader.close()
+    return seen
+
+
+def test_slots_read_disjoint_shares_that_cover_the_epoch(tmp_path, rng):
+    """Three readers (a world of 3, or of 1 with 3 accumulation steps) deal each epoch's plan: no position read twice,
+    every position of the epoch read (the plan counted by hand from the loaders' stream)."""
+    corpus = make_corpus(tmp_path, rng, shards=3, per_shard=12)
+    cfg = corpus.config(backend="torch", batch_size=2, resample="sqrt")
+    loaders = [build_train_loader(cfg, corpus.vocab, CPU, torch.float32, slots=[slot], num_slots=3) for slot in range(3)]
+    plan_length = len(loaders[0].plans.stream.plan(0))
+    seen = [[p for e, p in origins if e == 0] for origins in epoch_of_batches(loaders, 0)]
+    everything = [p for origins in seen for p in origins]
+    assert len(everything) == len(set(everything)) == plan_length
+    assert [sorted(origins) for origins in seen] == [list(range(slot, plan_length, 3)) for slot in range(3)]
+    with pytest.raises(UserError, match="fewer than one batch"):
+        build_train_loader(corpus.config(batch_size=40), corpus.vocab, CPU, torch.float32, slots=[0], num_slots=100)
+
+
+def test_one_process_of_two_slots_reads_what_two_processes_of_one_read(tmp_path, rng):
+    """Gradient accumulation on one process (slots 0 and 1 in turn) sees the batches of a two-process world."""
+    corpus = make_corpus(tmp_path, rng, shards=2, per_shard=12)
+    cfg = corpus.config(backend="torch", batch_size=3)
+    both = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, slots=[0, 1], num_slots=2)
+    apart = [build_train_loader(cfg, corpus.vocab, CPU, torch.float32, slots=[slot], num_slots=2) for slot in (0, 1)]
+    for _ in range(7):  # past an epoch's end (about 3 steps an epoch)
+        for slot in (0, 1):
+            got, want = next(both), next(apart[slot])
+            assert torch.equal(got.images, want.images) and np.array_equal(got.origin, want.origin)
+    for loader in (both, *apart):
+        loader.close()
+
+
+@pytest.mark.parametrize("old, new", [(2, 1), (1, 3), (3, 2)])
+def test_resume_on_another_world_size_reads_every_remaining_sample_once(tmp_path, rng, old, new):
+    """Stopped after k steps on ``old`` readers (one with a bad sample, so places differ), resumed on ``new``: the
+    positions read before and after the stop are each epoch's plan, exactly once."""
+    def corrupt_one(s, i, key, rgb):
+        return Sample({"jpg": b"\xff\xd8\xff garbage", "json": b"{}"}, [1], None) if (s, i) == (0, 3) else None
+
+    corpus = make_corpus(tmp_path, rng, shards=3, per_shard=10, odd=corrupt_one)
+    cfg = corpus.config(backend="torch", batch_size=2, max_bad_fraction=0.5)
+    before = [build_train_loader(cfg, corpus.vocab, CPU, torch.float32, slots=[s], num_slots=old) for s in range(old)]
+    steps = int(rng.integers(1, 12))  # an epoch is about 29 / (2 old) steps: sometimes past its end
+    read = [tuple(o) for _ in range(steps) for loader in before for o in next(loader).origin.tolist()]
+    state = merge_states([loader.state_dict() for loader in before])
+    for loader in before:
+        loader.close()
+    after = [build_train_loader(cfg, corpus.vocab, CPU, torch.float32, slots=[s], num_slots=new) for s in range(new)]
+    for loader in after:
+        loader.load_state_dict(state)
+    last_epoch = max(epoch for epoch, _ in read) + 1
+    read += [o for origins in epoch_of_batches(after, last_epoch) for o in origins]
+    stream = after[0].plans.stream
+    bad = {p for p, sample in enumerate(stream.plan(0)) if corpus.order[sample] not in corpus.colours.values()}
+    for epoch in range(last_epoch + 1):
+        positions = sorted(p for e, p in read if e == epoch)
+        expected = [p for p in range(len(stream.plan(epoch)))
+                    if corpus.order[stream.plan(epoch)[p]] in corpus.colours.values()]
+        assert positions == expected, (epoch, steps, bad)
 
 
 def test_sqrt_resampling_emits_each_image_about_r_times(tmp_path, rng):
     """r(h) = max(1, sqrt(t / f(h))), t the head class's share; an image takes its classes' largest r."""
     corpus = make_corpus(tmp_path, rng, shards=2, per_shard=20)
-    loader = build_train_loader(corpus.config(resample="sqrt"), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+    loader = build_train_loader(corpus.config(resample="sqrt"), corpus.vocab, CPU, torch.float32)
     counts, num_images = corpus.vocab.counts, corpus.vocab.num_images
     t = counts.max() / num_images
     expected = {}
     for key in corpus.usable():
         expected[key] = max(max(1.0, math.sqrt(t / (counts[c] / num_images))) for c in corpus.rows[key])
-    keys = loader.stream.table.keys
+    keys = loader.plans.stream.table.keys
     epochs = 60
     totals = dict.fromkeys(expected, 0)
     for epoch in range(epochs):
         emitted = {}
-        for i in loader.stream.plan(epoch):
+        for i in loader.plans.stream.plan(epoch):
             emitted[str(keys[i])] = emitted.get(str(keys[i]), 0) + 1
         assert set(emitted) <= set(expected)
         for key, r in expected.items():
@@ -300,7 +352,7 @@ def test_windowed_shuffle_is_local_deterministic_and_new_each_epoch(tmp_path, rn
 
     def stream(**overrides):
         cfg = corpus.config(**{"shuffle_buffer": window, **overrides})
-        return build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1).stream
+        return build_train_loader(cfg, corpus.vocab, CPU, torch.float32).plans.stream
 
     a, b = stream(), stream()
     plans = [a.plan(e) for e in range(3)]
@@ -367,7 +419,7 @@ def test_bad_data_is_skipped_counted_and_never_shortens_a_batch(tmp_path, rng, b
     # 59 x 59 is the largest normal image, 60 x 60 the bomb.
     cfg = corpus.config(backend=backend, max_bad_fraction=0.9, decode_limit_pixels=59 * 59, batch_size=4)
     caplog.set_level(logging.WARNING, logger="fastpretrain.data")
-    loader = build_train_loader(cfg, corpus.vocab, device, torch.float32, rank=0, world_size=1)
+    loader = build_train_loader(cfg, corpus.vocab, device, torch.float32)
     seen = []
     while len(seen) < len(good) + 4:
         batch = next(loader)
@@ -385,8 +437,7 @@ def test_bad_data_is_skipped_counted_and_never_shortens_a_batch(tmp_path, rng, b
     loader.close()
 
     with pytest.raises(DataError, match="00001.tar"):  # unreadable shard: over the limit before any decoding
-        build_train_loader(corpus.config(backend=backend, max_bad_fraction=0.2), corpus.vocab, CPU, torch.float32,
-                           rank=0, world_size=1)
+        build_train_loader(corpus.config(backend=backend, max_bad_fraction=0.2), corpus.vocab, CPU, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -396,7 +447,7 @@ def test_too_many_corrupt_images_stop_with_an_error_naming_the_shard(tmp_path, r
 
     corpus = make_corpus(tmp_path, rng, shards=3, per_shard=10, odd=corrupt_some)
     loader = build_train_loader(corpus.config(backend=backend, max_bad_fraction=0.1), corpus.vocab, CPU,
-                                torch.float32, rank=0, world_size=1)
+                                torch.float32)
     with pytest.raises(DataError, match="00001.tar"):
         for _ in range(20):
             next(loader)
@@ -468,9 +519,9 @@ def test_backends_cut_the_same_pixels_as_pil_and_each_other_on_the_same_box(tmp_
     got = {}
     for backend in BACKENDS:
         cfg = corpus.config(backend=backend, batch_size=count, image_size=size, shuffle_buffer=0)
-        loader = build_train_loader(cfg, corpus.vocab, device, torch.float32, rank=0, world_size=1)
+        loader = build_train_loader(cfg, corpus.vocab, device, torch.float32)
         got[backend] = next(loader).images.permute(0, 2, 3, 1).cpu()  # (B, S, S, 3)
-        samples = loader.stream.plan(0)[:count]  # no bad sample: batch 0 is positions 0 .. B-1 of epoch 0
+        samples = loader.plans.stream.plan(0)[:count]  # no bad sample: batch 0 is positions 0 .. B-1 of epoch 0
         loader.close()
     reference, _ = pil_reference(shard_jpegs(corpus, samples), corpus.seed, size)
     # Decoders (IDCT, chroma upsampling) and resamplers differ by rounding, not by content: a box off by a few
@@ -509,7 +560,7 @@ def test_rank_and_world_size_come_from_the_environment(tmp_path, rng, monkeypatc
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     loader = build_train_loader(corpus.config(backend="torch"), corpus.vocab, CPU, torch.float32)
-    assert [p.name for p in loader.stream.table.paths] == ["00001.tar", "00003.tar"]
+    assert [p.name for p in loader.plans.stream.table.paths] == ["00001.tar", "00003.tar"]
     assert loader.state_dict()["rank"] == 1 and loader.state_dict()["world_size"] == 2
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(UserError, match="rank 2"):
@@ -553,7 +604,7 @@ def test_label_index_of_another_vocabulary_is_refused(tmp_path, rng):
     other = make_vocab(list(corpus.rows.values()))
     other.content_hash = Vocab.hash_of(WNIDS[::-1], "concrete-first", "3.0")
     with pytest.raises(UserError, match="another vocabulary"):
-        build_train_loader(corpus.config(), other, CPU, torch.float32, rank=0, world_size=1)
+        build_train_loader(corpus.config(), other, CPU, torch.float32)
 
 
 def test_label_outside_the_vocabulary_is_refused_naming_the_shard(tmp_path, rng):
@@ -563,17 +614,16 @@ def test_label_outside_the_vocabulary_is_refused_naming_the_shard(tmp_path, rng)
     index.labels[-1] = len(WNIDS)  # one past the last class
     index.save(label_index_path(corpus.label_dir, bad_shard))
     with pytest.raises(DataError, match=f"00001.tar names class {len(WNIDS)}.* {len(WNIDS)} classes"):
-        build_train_loader(corpus.config(), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+        build_train_loader(corpus.config(), corpus.vocab, CPU, torch.float32)
 
 
 def test_missing_label_indexes_count_as_bad_samples(tmp_path, rng):
     corpus = make_corpus(tmp_path, rng, shards=2)
     label_index_path(corpus.label_dir, corpus.shards / "00001.tar").unlink()
-    loader = build_train_loader(corpus.config(max_bad_fraction=0.6), corpus.vocab, CPU, torch.float32, rank=0,
-                                world_size=1)
+    loader = build_train_loader(corpus.config(max_bad_fraction=0.6), corpus.vocab, CPU, torch.float32)
     assert loader.skipped["missing_labels"] == 12
     with pytest.raises(DataError, match="00001.tar"):
-        build_train_loader(corpus.config(), corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+        build_train_loader(corpus.config(), corpus.vocab, CPU, torch.float32)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -614,7 +664,7 @@ def test_cpu_crops_are_the_same_with_the_region_decoder_or_without(tmp_path, rng
     calls = []
     decoder = torch_decoder.region_decoder()
     monkeypatch.setattr(torch_decoder, "region_decoder", lambda: calls.append(1) or decoder)
-    with_region = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1))
+    with_region = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32))
     assert len(calls) > 1  # once at start, then per upright JPEG (workers=0: in this process)
 
     monkeypatch.undo()
@@ -622,7 +672,7 @@ def test_cpu_crops_are_the_same_with_the_region_decoder_or_without(tmp_path, rng
     monkeypatch.setattr(cpp_extension, "_failures", {"jpeg": "cannot build the C++ extension: jpeglib.h not found"})
     monkeypatch.setattr(fastpretrain_log, "_said", set())
     caplog.set_level(logging.WARNING, logger="fastpretrain")
-    whole = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1))
+    whole = next(build_train_loader(cfg, corpus.vocab, CPU, torch.float32))
     warned = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
     assert len(warned) == 1 and "jpeglib.h not found; falling back to torchvision's full decode" in warned[0], warned
     assert torch.equal(with_region.images, whole.images) and torch.equal(with_region.labels, whole.labels)
@@ -640,7 +690,7 @@ def test_too_little_shared_memory_is_a_one_line_user_error(tmp_path, rng, monkey
             return os.statvfs_result((stats.f_bsize, 1, stats.f_blocks, free, free) + tuple(stats)[5:])
 
         monkeypatch.setattr(torch_decoder.os, "statvfs", statvfs)
-        loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32, rank=0, world_size=1)
+        loader = build_train_loader(cfg, corpus.vocab, CPU, torch.float32)
         if refused:
             message = (f"needs {needed / 2**20:.3g} MiB of shared memory for its crops and /dev/shm has "
                        f"{free / 2**20:.3g} MiB free: .* lower --workers or --batch-size$")

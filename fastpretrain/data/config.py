@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fastpretrain.data.decoders import BACKENDS
 from fastpretrain.errors import UserError
 
@@ -95,9 +97,12 @@ class Batch:
     """One training step's input, all on the training device.
 
     ``images`` (B, 3, H, W) in channels-last memory and the training dtype; ``labels`` (nnz,) int64 class ids
-    and ``offsets`` (B + 1,) int64: sample i's labels are ``labels[offsets[i]:offsets[i + 1]]``.
+    and ``offsets`` (B + 1,) int64: sample i's labels are ``labels[offsets[i]:offsets[i + 1]]``. ``origin`` (B, 2)
+    int64 on the host: each image's (epoch, plan position), which names it in the stream (a sample repeated by
+    resampling appears at several positions).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     offsets: torch.Tensor
+    origin: np.ndarray | None = None

@@ -1,15 +1,14 @@
-"""The loaders over the sample stream: a backend (DALI or torch) decodes the stream's chunks, an assembler fills
-always-full batches, and the train loader keeps the position that makes a resumed run yield exactly the batches
-of an uninterrupted one.
+"""The loaders over the sample stream: a backend (DALI or torch) decodes the stream's chunks, each reader slot
+assembles always-full batches from its own chunks, and the train loader keeps the places that make a resumed run
+yield exactly the batches of an uninterrupted one (see stream.py for the order and what a slot is).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,10 +16,9 @@ import numpy as np
 
 from fastpretrain.data.config import Batch, DataConfig
 from fastpretrain.data.decoders import make_decoder
-from fastpretrain.formats.shards import list_shards
-from fastpretrain.data.stream import (STATE_FORMAT, DecodedChunk, PlanChunk, SampleStream, SampleTable, SkipLog,
-                                      load_table)
+from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleStream, SampleTable, SkipLog, SlotPlans, load_table
 from fastpretrain.errors import DataError, UserError
+from fastpretrain.formats.shards import list_shards
 from fastpretrain.hashtags.resample import class_replication, image_replication
 
 if TYPE_CHECKING:
@@ -28,27 +26,11 @@ if TYPE_CHECKING:
 
     from fastpretrain.formats.vocab import Vocab
 
-log = logging.getLogger("fastpretrain.data")
-
-def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if (rank is None) != (world_size is None):
-        raise ValueError("build_train_loader: give both rank and world_size, or neither")
-    if rank is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            try:
-                rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-            except ValueError as e:
-                raise UserError(f"RANK / WORLD_SIZE environment variables: {e}") from None
-    if not 0 <= rank < world_size:
-        raise UserError(f"rank {rank} is not in [0, world size {world_size})")
-    return rank, world_size
+STATE_FORMAT = 2
 
 
-def _images_to_batch(images: torch.Tensor, table: SampleTable, samples: np.ndarray, device: torch.device) -> Batch:
+def _images_to_batch(images: torch.Tensor, table: SampleTable, samples: np.ndarray, origin: np.ndarray,
+                     device: torch.device) -> Batch:
     import torch
 
     labels, offsets = table.labels_of(samples)
@@ -65,143 +47,254 @@ def _images_to_batch(images: torch.Tensor, table: SampleTable, samples: np.ndarr
         images=images.permute(0, 3, 1, 2),  # (B, H, W, 3) -> (B, 3, H, W): a channels-last view
         labels=to_device(labels),
         offsets=to_device(offsets),
+        origin=origin,
     )
 
 
-class _Assembler:
-    """Cuts a backend's decoded chunks into batches of exactly ``size`` samples, in stream order."""
+@dataclass
+class _Decoded:
+    """Good samples of one decoded chunk not yet in a batch: ``order`` (k,) their indices in the slot's share of
+    ``epoch`` (None for an eval chunk), ``positions`` and ``samples`` (k,), ``images`` (k, H, W, 3)."""
 
-    def __init__(self, decoded: Iterator[DecodedChunk], skips: SkipLog, table: SampleTable) -> None:
-        self.decoded = decoded
+    epoch: int
+    order: np.ndarray | None
+    positions: np.ndarray
+    samples: np.ndarray
+    images: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def split(self, n: int) -> tuple[_Decoded, _Decoded]:
+        head = _Decoded(self.epoch, None if self.order is None else self.order[:n], self.positions[:n],
+                        self.samples[:n], self.images[:n])
+        tail = _Decoded(self.epoch, None if self.order is None else self.order[n:], self.positions[n:],
+                        self.samples[n:], self.images[n:])
+        return head, tail
+
+
+def _good_part(chunk: PlanChunk, decoded: DecodedChunk) -> _Decoded:
+    """The decoded (good) samples of ``chunk``, with their orders (a chunk's positions ascend)."""
+    order = None if chunk.order is None else chunk.order[np.searchsorted(chunk.positions, decoded.positions)]
+    return _Decoded(decoded.epoch, order, decoded.positions, decoded.samples, decoded.images)
+
+
+def _take(pending: deque[_Decoded], size: int) -> list[_Decoded]:
+    """The first ``size`` samples of ``pending`` (which has them), removed from it."""
+    parts = []
+    while size:
+        head, tail = pending.popleft().split(size)
+        parts.append(head)
+        size -= len(head)
+        if len(tail):
+            pending.appendleft(tail)
+    return parts
+
+
+def _concat(parts: list[_Decoded]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(images (n, H, W, 3), samples (n,), origin (n, 2)) of ``parts``."""
+    import torch
+
+    images = parts[0].images if len(parts) == 1 else torch.cat([p.images for p in parts])
+    origin = np.concatenate([np.stack([np.full(len(p), p.epoch), p.positions], axis=1) for p in parts])
+    return images, np.concatenate([p.samples for p in parts]), origin.astype(np.int64)
+
+
+class _DecodeFeed:
+    """The decoder's output paired with the chunks it was given: a backend yields one DecodedChunk per PlanChunk,
+    in order, so the chunks it has pulled and not yet returned wait here in order."""
+
+    def __init__(self, decoder, chunks: Iterator[PlanChunk], skips: SkipLog, table: SampleTable) -> None:
         self.skips = skips
         self.table = table
-        self.pending: deque[DecodedChunk] = deque()
-        self.pending_count = 0
+        self._given: deque[PlanChunk] = deque()
+        self._decoded = decoder.decode(self._record(chunks))
 
-    def take(self, size: int, allow_short: bool = False) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]] | None:
-        """(images (n, H, W, 3), samples (n,), (epoch, position) of the last one), or None when exhausted."""
-        import torch
+    def _record(self, chunks: Iterator[PlanChunk]) -> Iterator[PlanChunk]:
+        for chunk in chunks:
+            self._given.append(chunk)
+            yield chunk
 
-        while self.pending_count < size:
-            chunk = next(self.decoded, None)
-            if chunk is None:
-                break
-            for sample, reason, detail in chunk.bad:
-                self.skips.add(reason, int(self.table.shard_of[sample]), detail=detail, sample=sample)
-            self.skips.check()
-            if len(chunk.samples):
-                self.pending.append(chunk)
-                self.pending_count += len(chunk.samples)
-        if self.pending_count == 0 or (self.pending_count < size and not allow_short):
+    def next(self) -> tuple[PlanChunk, _Decoded] | None:
+        """The next chunk and its good samples (its bad ones counted), or None when the chunks ran out."""
+        decoded = next(self._decoded, None)
+        if decoded is None:
             return None
-        pieces, samples, want = [], [], min(size, self.pending_count)
-        while want:
-            chunk = self.pending[0]
-            n = min(want, len(chunk.samples))
-            pieces.append(chunk.images[:n])
-            samples.append(chunk.samples[:n])
-            last = (chunk.epoch, int(chunk.positions[n - 1]))
-            if n == len(chunk.samples):
-                self.pending.popleft()
-            else:
-                self.pending[0] = DecodedChunk(chunk.epoch, chunk.positions[n:], chunk.samples[n:], chunk.images[n:], [])
-            self.pending_count -= n
-            want -= n
-        images = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return images, np.concatenate(samples), last
+        chunk = self._given.popleft()
+        for sample, reason, detail in decoded.bad:
+            self.skips.add_decoded(sample, reason, int(self.table.shard_of[sample]), detail)
+        self.skips.check()
+        return chunk, _good_part(chunk, decoded)
+
+    def close(self) -> None:
+        self._decoded.close()
 
 
 class TrainLoader:
-    """Endless iterator of full Batches across epochs; see ``build_train_loader``."""
+    """Endless full Batches of this process's reader slots, one slot after the other (see ``build_train_loader``)."""
 
-    def __init__(self, cfg: DataConfig, stream: SampleStream, skips: SkipLog, decoder, device: torch.device,
-                 world_size: int) -> None:
+    def __init__(self, cfg: DataConfig, plans: SlotPlans, skips: SkipLog, decoder, device: torch.device,
+                 slots: list[int]) -> None:
         self.cfg = cfg
-        self.stream = stream
+        self.plans = plans
         self.skips = skips
         self.decoder = decoder
         self.device = device
-        self.world_size = world_size
-        self._next = (0, 0)  # (epoch, position) of the first sample not yet in a batch
-        self._assembler: _Assembler | None = None
-        self.samples_per_epoch = float(stream.replication.sum())  # expected, after resampling
+        self.slots = list(slots)
+        self.places = {slot: (0, 0) for slot in self.slots}  # slot -> (epoch, elements of its share consumed)
+        self.samples_per_epoch = float(plans.stream.replication.sum())  # expected, after resampling
+        self._feed: _DecodeFeed | None = None
+        self._turn = 0
+
+    @property
+    def table(self) -> SampleTable:
+        return self.plans.stream.table
 
     @property
     def epoch(self) -> int:
-        """The epoch the next sample comes from."""
-        return self._next[0]
+        """The epoch this process's next sample comes from (its earliest slot's)."""
+        return min(epoch for epoch, _ in self.places.values())
 
     @property
     def batches_per_epoch(self) -> int:
-        """Expected full batches per epoch on this rank after resampling (each epoch's draw varies a little)."""
-        return max(1, round(self.samples_per_epoch / self.cfg.batch_size))
+        """Expected global steps per epoch after resampling: one batch of every slot each (draws vary a little)."""
+        return max(1, round(self.samples_per_epoch / (self.cfg.batch_size * self.plans.num_slots)))
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Samples skipped so far, per reason (``unlabeled`` ones are excluded by design, not bad data)."""
-        return dict(self.skips.counts)
+        """Samples skipped so far that this process knows of, per reason (``unlabeled``: excluded by design)."""
+        return self.skips.counts()
 
     def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> Batch:
-        if self._assembler is None:
-            chunks = self.stream.chunks(*self._next, self.cfg.batch_size)
-            self._assembler = _Assembler(self.decoder.decode(chunks), self.skips, self.stream.table)
-        taken = self._assembler.take(self.cfg.batch_size)
-        if taken is None:  # an endless stream ends only if every sample is bad, which check() stops first
-            raise DataError("the training stream ran dry")
-        images, samples, (epoch, position) = taken
-        self._next = self.stream.after(epoch, position)
-        return _images_to_batch(images, self.stream.table, samples, self.device)
+        slot = self.slots[self._turn]
+        self._turn = (self._turn + 1) % len(self.slots)
+        if self._feed is None:
+            self._start()
+        size = self.cfg.batch_size
+        while sum(map(len, self._pending[slot])) < size:
+            got = self._feed.next()
+            if got is None:  # the chunks are endless: only every sample being bad ends them, which check() stops first
+                raise DataError("the training stream ran dry")
+            chunk, good = got
+            if len(good):
+                self._pending[chunk.slot].append(good)
+        parts = _take(self._pending[slot], size)
+        self._advance(slot, parts[-1].epoch, int(parts[-1].order[-1]) + 1)
+        images, samples, origin = _concat(parts)
+        return _images_to_batch(images, self.table, samples, origin, self.device)
+
+    def _advance(self, slot: int, epoch: int, consumed: int) -> None:
+        """The slot's place after a batch ending at its share's element ``consumed - 1`` of ``epoch``."""
+        before_epoch, before = self.places[slot]
+        if consumed >= self.plans.share_length(slot, epoch):
+            epoch, consumed = epoch + 1, 0
+        self.places[slot] = (epoch, consumed)
+        done = consumed - before if epoch == before_epoch else \
+            self.plans.share_length(slot, before_epoch) - before + consumed
+        self._consumed[slot] += done
+
+    def _start(self) -> None:
+        self._pending: dict[int, deque[_Decoded]] = {slot: deque() for slot in self.slots}
+        self._issued = dict(self.places)  # where the next chunk made for each slot begins
+        self._consumed = dict.fromkeys(self.slots, 0)  # elements, since this start
+        self._handed = dict.fromkeys(self.slots, 0)
+        self._feed = _DecodeFeed(self.decoder, self._chunks(), self.skips, self.table)
+
+    def _chunks(self) -> Iterator[PlanChunk]:
+        """Endless chunks of ``batch_size`` elements, each for the slot that has the fewest handed out and not yet
+        consumed: the slots' needs differ by their bad samples, and a fixed turn would let the others' decoded
+        chunks pile up. Only when a chunk is made depends on timing; what a slot's batches hold does not."""
+        turn = {slot: i for i, slot in enumerate(self.slots)}
+        while True:
+            slot = min(self.slots, key=lambda v: (self._handed[v] - self._consumed[v], turn[v]))
+            epoch, first = self._issued[slot]
+            for _ in range(1000):  # an epoch can be too short to give every slot an element
+                if first < self.plans.share_length(slot, epoch):
+                    break
+                epoch, first = epoch + 1, 0
+            else:
+                raise DataError(f"reader slot {slot} found no sample in 1000 epochs: the stream has fewer samples "
+                                f"per epoch than readers ({self.plans.num_slots})")
+            chunk = self.plans.chunk(slot, epoch, first, self.cfg.batch_size)
+            self._issued[slot] = (epoch, first + len(chunk.order))
+            self._handed[slot] += len(chunk.order)
+            yield chunk
 
     def state_dict(self) -> dict:
-        """The stream's position and skip counts: loading it makes the next batch the one that followed."""
+        """This process's part of the stream's state: its slots' places and the bad samples it knows of. The states
+        of all processes, merged by ``merge_states``, resume the stream on any number of slots."""
         return {
             "format": STATE_FORMAT,
-            "epoch": self._next[0],
-            "position": self._next[1],
             "seed": self.cfg.seed,
-            "rank": self.stream.rank,
-            "world_size": self.world_size,
-            "shards": _fingerprint(self.stream.table),
-            "skipped": self.skips.state_dict(),
+            "shards": _fingerprint(self.table),
+            "plans": self.plans.state_dict(),
+            "places": {str(slot): list(place) for slot, place in self.places.items()},
+            "bad_samples": {str(sample): list(found) for sample, found in self.skips.decoded().items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a ``state_dict()``; UserError if it came from another data set, seed or world size."""
+        """Continue from a (merged) ``state_dict()``: exactly where the same number of slots left it, or, on another
+        number, with what was left of each epoch (nothing lost, nothing repeated). UserError if the state came from
+        another data set or seed."""
         if state.get("format") != STATE_FORMAT:
             raise UserError(f"data state of format {state.get('format')!r}, expected {STATE_FORMAT}")
-        mine = self.state_dict()
-        for key in ("seed", "rank", "world_size", "shards"):
-            if state[key] != mine[key]:
-                raise UserError(f"cannot resume the data stream exactly: its {key} was {state[key]!r}, now {mine[key]!r}")
+        mine = {"seed": self.cfg.seed, "shards": _fingerprint(self.table)}
+        for key, value in mine.items():
+            if state[key] != value:
+                raise UserError(f"cannot resume the data stream: its {key} was {state[key]!r}, now {value!r}")
         self.close()
-        self._next = (int(state["epoch"]), int(state["position"]))
-        self.skips.load_state_dict(state["skipped"])
+        num_slots = self.plans.num_slots
+        self.plans.load_state_dict(state["plans"])
+        places = {int(slot): (int(epoch), int(n)) for slot, (epoch, n) in state["places"].items()}
+        if self.plans.num_slots == num_slots:
+            self.places = {slot: places[slot] for slot in self.slots}
+        else:
+            self.plans.fold(places)
+            self.plans.num_slots = num_slots
+            first_epoch = min(self.plans.rests)
+            self.places = dict.fromkeys(self.slots, (first_epoch, 0))
+        self.skips.restored = {int(sample): (reason, int(shard))
+                               for sample, (reason, shard) in state["bad_samples"].items()}
+        self.skips.own = {}
 
     def close(self) -> None:
         """Stop the decoding workers or pipeline (a later ``next`` starts them again)."""
-        if self._assembler is not None:
-            self._assembler.decoded.close()
-            self._assembler = None
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One stream state from every process's ``TrainLoader.state_dict()``: all slots' places, all bad samples."""
+    merged = dict(states[0])
+    merged["places"] = {slot: place for state in states for slot, place in state["places"].items()}
+    merged["bad_samples"] = {sample: found for state in states for sample, found in state["bad_samples"].items()}
+    earliest = min(epoch for epoch, _ in merged["places"].values())  # what is left of epochs every slot has passed
+    rests = merged["plans"]["rests"]
+    merged["plans"] = {**merged["plans"], "rests": {e: rest for e, rest in rests.items() if int(e) >= earliest}}
+    return merged
 
 
 class EvalLoader:
-    """One pass over every usable sample in shard order per ``iter()``; the last batch may be short."""
+    """One pass over this process's share of the usable samples in shard order per ``iter()`` (rank ``r`` of ``W``
+    takes samples ``r, r + W, ...``); the last batch may be short."""
 
-    def __init__(self, cfg: DataConfig, table: SampleTable, skips: SkipLog, decoder, device: torch.device) -> None:
+    def __init__(self, cfg: DataConfig, table: SampleTable, skips: SkipLog, decoder, device: torch.device,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
         self.table = table
         self.skips = skips
         self.decoder = decoder
         self.device = device
-        self.samples = np.flatnonzero(table.usable)  # (n,)
+        self.samples = np.flatnonzero(table.usable)[rank::world_size]  # (n,)
 
     @property
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far, per reason (``unlabeled``: no kept label, excluded)."""
-        return dict(self.skips.counts)
+        return self.skips.counts()
 
     def __len__(self) -> int:
         """Batches in a pass, if no image turns out bad."""
@@ -213,14 +306,21 @@ class EvalLoader:
             PlanChunk(0, np.arange(i, min(i + size, len(self.samples))), self.samples[i: i + size])
             for i in range(0, len(self.samples), size)
         )
-        decoded = self.decoder.decode(chunks)
-        assembler = _Assembler(decoded, self.skips, self.table)
+        feed = _DecodeFeed(self.decoder, chunks, self.skips, self.table)
+        pending: deque[_Decoded] = deque()
         try:
-            while (taken := assembler.take(size, allow_short=True)) is not None:
-                images, samples, _ = taken
-                yield _images_to_batch(images, self.table, samples, self.device)
+            while True:
+                got = feed.next()
+                if got is not None and len(got[1]):
+                    pending.append(got[1])
+                count = sum(map(len, pending))
+                if count >= size or (got is None and count):
+                    images, samples, origin = _concat(_take(pending, min(size, count)))
+                    yield _images_to_batch(images, self.table, samples, origin, self.device)
+                elif got is None:
+                    return
         finally:
-            decoded.close()
+            feed.close()
 
 
 def _fingerprint(table: SampleTable) -> str:
@@ -228,7 +328,7 @@ def _fingerprint(table: SampleTable) -> str:
     return hashlib.blake2b(names.encode(), digest_size=12).hexdigest()
 
 
-def _open(cfg: DataConfig, vocab: Vocab, paths: list[Path]) -> tuple[SampleTable, SkipLog]:
+def _open(cfg: DataConfig, vocab: Vocab, paths: list[Path], share: float) -> tuple[SampleTable, SkipLog]:
     table, static_skips = load_table(paths, cfg.label_dir, vocab.content_hash)
     # Checked once here, where the batches come from: the CUDA loss reads labels without a per-step check.
     highest = int(table.labels.argmax()) if table.labels.size else None  # position of the largest class id
@@ -238,34 +338,39 @@ def _open(cfg: DataConfig, vocab: Vocab, paths: list[Path]) -> tuple[SampleTable
         raise DataError(f"label index of {shard.name} names class {int(table.labels[highest])}, "
                         f"but the vocabulary has {len(vocab)} classes: rebuild it with `fastpretrain vocab label`")
     lost = sum(s.count for s in static_skips if s.reason in ("unreadable_shard", "missing_in_shard"))
-    skips = SkipLog(paths, len(table) + lost, cfg.max_bad_fraction)
+    skips = SkipLog(paths, len(table) + lost, cfg.max_bad_fraction, share)
     for skip in static_skips:
-        skips.add(skip.reason, skip.shard, skip.count, skip.detail)
+        skips.add_static(skip.reason, skip.shard, skip.count, skip.detail)
     skips.check()
     if not table.usable.any():
-        raise DataError(f"no usable sample in {len(paths)} shards ({', '.join(f'{r}: {n}' for r, n in skips.counts.items())})")
+        raise DataError(f"no usable sample in {len(paths)} shards ({', '.join(f'{r}: {n}' for r, n in skips.counts().items())})")
     return table, skips
 
 
 def build_train_loader(cfg: DataConfig, vocab: Vocab, device: torch.device, dtype: torch.dtype,
-                       rank: int | None = None, world_size: int | None = None) -> TrainLoader:
-    """An endless iterator of full Batches (random-resized crop, flip, normalize) over this rank's shards.
-
-    ``rank``/``world_size`` default to torch.distributed's, else the RANK/WORLD_SIZE environment variables.
-    """
-    rank, world_size = _resolve_rank(rank, world_size)
-    all_paths = list_shards(cfg.shards)
-    if len(all_paths) < world_size:
-        raise UserError(f"{len(all_paths)} shards cannot feed {world_size} ranks: each rank needs at least one")
-    table, skips = _open(cfg, vocab, all_paths[rank::world_size])
+                       slots: list[int] | None = None, num_slots: int = 1) -> TrainLoader:
+    """Endless full Batches (random-resized crop, flip, normalize) of reader ``slots`` out of ``num_slots`` (default:
+    the only slot), one slot after the other. A process of a torchrun world of W with A accumulation steps reads
+    slots ``rank * A .. rank * A + A - 1`` of ``W * A``."""
+    slots = [0] if slots is None else list(slots)
+    if not slots or any(not 0 <= slot < num_slots for slot in slots):
+        raise ValueError(f"build_train_loader: slots {slots} are not all in [0, {num_slots})")
+    table, skips = _open(cfg, vocab, list_shards(cfg.shards), len(slots) / num_slots)
     class_r = class_replication(vocab.counts, vocab.num_images, cfg.resample, cfg.resample_t)
     replication = image_replication(class_r, table.labels, table.label_offsets)
-    stream = SampleStream(table, replication, cfg.seed, rank, cfg.shuffle_buffer)
+    stream = SampleStream(table, replication, cfg.seed, cfg.shuffle_buffer)
+    per_epoch = float(stream.replication.sum())
+    if per_epoch < cfg.batch_size * num_slots:
+        raise UserError(f"an epoch holds about {per_epoch:.0f} samples after resampling, fewer than one batch of "
+                        f"{cfg.batch_size} for each of the {num_slots} readers (world size x accumulation steps)")
     decoder = make_decoder(cfg, table, device, dtype, train=True)
-    return TrainLoader(cfg, stream, skips, decoder, device, world_size)
+    return TrainLoader(cfg, SlotPlans(stream, num_slots), skips, decoder, device, slots)
 
 
-def build_eval_loader(cfg: DataConfig, vocab: Vocab, device: torch.device, dtype: torch.dtype) -> EvalLoader:
-    """Every labeled sample once, in shard order: resize to ``round(image_size * 256 / 224)``, centre crop, normalize."""
-    table, skips = _open(cfg, vocab, list_shards(cfg.shards))
-    return EvalLoader(cfg, table, skips, make_decoder(cfg, table, device, dtype, train=False), device)
+def build_eval_loader(cfg: DataConfig, vocab: Vocab, device: torch.device, dtype: torch.dtype, rank: int = 0,
+                      world_size: int = 1) -> EvalLoader:
+    """Every labeled sample once, in shard order, rank ``rank``'s share of ``world_size``: resize to
+    ``round(image_size * 256 / 224)``, centre crop, normalize."""
+    table, skips = _open(cfg, vocab, list_shards(cfg.shards), 1 / world_size)
+    return EvalLoader(cfg, table, skips, make_decoder(cfg, table, device, dtype, train=False), device, rank,
+                      world_size)

@@ -1,22 +1,28 @@
-"""The sample stream: which sample comes next, on which rank, in which epoch (the loaders are in loader.py).
+"""The sample stream: which sample comes next, in which epoch, for which reader (the loaders are in loader.py).
 
 Everything that decides the order is computed up front from static data (shard indexes, label indexes,
-the vocabulary), never from what decoding finds:
+the vocabulary), never from what decoding finds, and nothing in it depends on the world size:
 
-- rank split: rank ``r`` of ``W`` owns shards ``r, r + W, ...`` (of the sorted list), for the whole run;
-- epoch plan: its shards in an order drawn from ``(seed, epoch)``, each sample repeated ``copies`` times
+- epoch plan: every shard, in an order drawn from ``(seed, epoch)``, each sample repeated ``copies`` times
   (``fastpretrain.hashtags.resample``: sqrt resampling, unlabeled samples 0 times), then a windowed shuffle:
-  sample ``i`` of that sequence goes to the rank of ``i + shuffle_buffer * u_i``, ``u_i`` uniform. Like a
+  sample ``i`` of that sequence goes to the place of ``i + shuffle_buffer * u_i``, ``u_i`` uniform. Like a
   shuffle buffer of that size, it mixes neighbouring shards and needs to read at most that far ahead; unlike
-  one, it is a single vectorized argsort.
-- position: the stream's state is ``(epoch, position in that epoch's plan)``.
+  one, it is a single vectorized argsort. Every process computes the same plan.
+- slots (``SlotPlans``): the plan is dealt to D = world size x accumulation steps readers, element ``i`` to slot
+  ``i mod D``; a global step is one micro-batch of each slot. Each slot keeps its place ``(epoch, n)``.
+- resume: on the same D the slots continue from their places, exactly. On another D (an elastic restart) what the
+  slots consumed is folded into "what is left of the epoch" (a start position and the few positions consumed out of
+  order beyond it), and the new slots deal out that rest: no sample of the epoch is lost or repeated (MosaicML
+  Streaming's elastic determinism); which slot and step a remaining sample lands in changes with D.
 
-A bad image found while decoding is dropped from the batch and the batch is filled from the next samples,
-so batch ``k`` is always the same ``B`` good samples: a resumed run regenerates the plan, starts at the saved
-position and yields exactly the batches of the uninterrupted one (crop boxes are a function of the position).
+A bad image found while decoding is dropped from the batch and the batch is filled from the slot's next samples,
+so a slot's batch ``k`` is always the same ``B`` good samples: a resumed run regenerates the plan, starts at the
+saved places and yields exactly the batches of the uninterrupted one (crop boxes are a function of the plan
+position, not of the slot).
 
-Startup cost: one pass over each shard's index and label index (no image is read), and per epoch one BLAKE2b
-hash per sample for the resampling draw (about 1 us each).
+Startup cost: one pass over every shard's index and label index in every process (no image is read), and per
+epoch one BLAKE2b hash per sample for the resampling draw (about 1 us each). Memory: the sample table (about 40
+bytes per sample) and the plan (8 bytes per sample per epoch), in every process.
 """
 
 from __future__ import annotations
@@ -24,8 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -207,56 +212,67 @@ def _load_shard(shard: int, path: Path, label_dir: str | os.PathLike, vocab_hash
 
 
 class SkipLog:
-    """Skipped samples per reason, one warning per reason and shard, and the stop when too many are bad."""
+    """Skipped samples per reason, one warning per reason and shard, and the stop when too many are bad.
 
-    def __init__(self, paths: list[Path], total: int, max_bad_fraction: float) -> None:
+    ``static``: found before decoding, from the indexes (the same in every process: every rank reads every index).
+    Samples found bad while decoding are kept by sample id (each counts once, whatever its copies and whichever
+    rank decodes it): ``restored`` came with a resumed stream (all ranks' up to the checkpoint), ``own`` this
+    process found since. ``share`` is the part of the stream this process decodes (its slots over all slots): its own
+    finds, divided by it, estimate the whole run's for the ``max_bad_fraction`` check.
+    """
+
+    def __init__(self, paths: list[Path], total: int, max_bad_fraction: float, share: float = 1.0) -> None:
         self.paths = paths
         self.total = total
         self.max_bad_fraction = max_bad_fraction
-        self.counts: Counter[str] = Counter()
-        self.bad_by_shard: Counter[int] = Counter()
-        self._seen: set[int] = set()  # samples counted while decoding: each counts once, whatever its copies
+        self.share = share
+        self.static: Counter[str] = Counter()
+        self.static_bad_by_shard: Counter[int] = Counter()
+        self.restored: dict[int, tuple[str, int]] = {}  # sample -> (reason, shard)
+        self.own: dict[int, tuple[str, int]] = {}
         self._warned: set[tuple[str, int]] = set()
 
-    def add(self, reason: str, shard: int, count: int = 1, detail: str = "", sample: int | None = None) -> None:
-        """Count ``count`` skipped samples of ``shard`` (a decoded ``sample`` only the first time)."""
-        if sample is not None:
-            if sample in self._seen:
-                return
-            self._seen.add(sample)
-        self.counts[reason] += count
+    def add_static(self, reason: str, shard: int, count: int, detail: str) -> None:
+        """``count`` samples of ``shard`` excluded before decoding for ``reason``."""
+        self.static[reason] += count
         if reason not in NOT_BAD:
-            self.bad_by_shard[shard] += count
-        if (reason, shard) not in self._warned:
-            self._warned.add((reason, shard))
-            if reason not in NOT_BAD:
-                log.warning("shard %s: skipping %s samples (%s); further ones are only counted",
-                            self.paths[shard], reason, detail)
+            self.static_bad_by_shard[shard] += count
+        self._warn(reason, shard, detail)
 
-    @property
-    def bad(self) -> int:
-        return sum(self.bad_by_shard.values())
+    def add_decoded(self, sample: int, reason: str, shard: int, detail: str) -> None:
+        """Sample ``sample`` of ``shard`` failed to decode (counted the first time only)."""
+        if sample in self.restored or sample in self.own:
+            return
+        self.own[sample] = (reason, shard)
+        self._warn(reason, shard, detail)
+
+    def _warn(self, reason: str, shard: int, detail: str) -> None:
+        if reason not in NOT_BAD and (reason, shard) not in self._warned:
+            self._warned.add((reason, shard))
+            log.warning("shard %s: skipping %s samples (%s); further ones are only counted",
+                        self.paths[shard], reason, detail)
+
+    def counts(self, decoded: dict[int, tuple[str, int]] | None = None) -> dict[str, int]:
+        """Samples skipped per reason: the static ones and ``decoded`` (default: restored and own)."""
+        decoded = self.decoded() if decoded is None else decoded
+        return dict(self.static + Counter(reason for reason, _ in decoded.values()))
+
+    def decoded(self) -> dict[int, tuple[str, int]]:
+        """Every decoded bad sample this process knows of."""
+        return self.restored | self.own
 
     def check(self) -> None:
         """DataError naming the worst shards once more than ``max_bad_fraction`` of all samples are bad."""
-        bad = self.bad
-        if bad and bad > self.max_bad_fraction * self.total:
-            worst = ", ".join(f"{self.paths[s]} ({n})" for s, n in self.bad_by_shard.most_common(5))
-            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items()) if r not in NOT_BAD)
+        static_bad = sum(self.static_bad_by_shard.values())
+        estimate = static_bad + len(self.restored) + len(self.own) / self.share
+        if estimate and estimate > self.max_bad_fraction * self.total:
+            by_shard = self.static_bad_by_shard + Counter(shard for _, shard in self.decoded().values())
+            worst = ", ".join(f"{self.paths[s]} ({n})" for s, n in by_shard.most_common(5))
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.counts().items()) if r not in NOT_BAD)
             raise DataError(
-                f"{bad} of {self.total} samples are bad, more than max_bad_fraction={self.max_bad_fraction} "
-                f"({reasons}); worst shards: {worst}"
+                f"about {estimate:.0f} of {self.total} samples are bad, more than max_bad_fraction="
+                f"{self.max_bad_fraction} ({reasons}); worst shards: {worst}"
             )
-
-    def state_dict(self) -> dict:
-        return {"counts": dict(self.counts), "bad_by_shard": {int(k): v for k, v in self.bad_by_shard.items()},
-                "seen": sorted(self._seen), "warned": sorted(self._warned)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.counts = Counter(state["counts"])
-        self.bad_by_shard = Counter({int(k): v for k, v in state["bad_by_shard"].items()})
-        self._seen = set(state["seen"])
-        self._warned = {(r, int(s)) for r, s in state["warned"]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,31 +281,35 @@ class SkipLog:
 
 @dataclass
 class PlanChunk:
-    """Consecutive positions ``positions`` (n,) of epoch ``epoch``'s plan and their samples (n,)."""
+    """Positions ``positions`` (n,) of epoch ``epoch``'s plan and their samples (n,); for a training stream also
+    the slot that reads them and their indices ``order`` (n,) in that slot's share of the epoch."""
 
     epoch: int
     positions: np.ndarray
     samples: np.ndarray
+    slot: int = 0
+    order: np.ndarray | None = None
 
 
 class SampleStream:
-    """Epoch plans of one rank: shard order, resampling copies, windowed shuffle (see the module docstring)."""
+    """Epoch plans of the whole run: shard order, resampling copies, windowed shuffle (see the module docstring).
+    The same in every process, whatever the world size."""
 
-    def __init__(self, table: SampleTable, replication: np.ndarray, seed: int, rank: int, shuffle_buffer: int) -> None:
+    def __init__(self, table: SampleTable, replication: np.ndarray, seed: int, shuffle_buffer: int) -> None:
         self.table = table
         self.replication = np.where(table.usable, replication, 0.0)  # (N,)
         self.seed = seed
-        self.rank = rank
         self.shuffle_buffer = shuffle_buffer
         self._plans: dict[int, np.ndarray] = {}
 
     def _rng(self, epoch: int, purpose: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed & (2**64 - 1), epoch, self.rank, purpose])
+        return np.random.default_rng([self.seed & (2**64 - 1), epoch, purpose])
 
     def plan(self, epoch: int) -> np.ndarray:
-        """The samples of ``epoch`` in order, (M,) int64 (the last two epochs' plans are kept)."""
+        """The samples of ``epoch`` in order, (M,) int64 (the plans of this epoch and the one before are kept:
+        slots cross an epoch's end at slightly different times)."""
         if epoch not in self._plans:
-            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
             self._plans[epoch] = self._make_plan(epoch)
         return self._plans[epoch]
 
@@ -306,26 +326,93 @@ class SampleStream:
             sequence = sequence[np.argsort(np.arange(len(sequence)) + jitter, kind="stable")]
         return sequence
 
-    def chunks(self, epoch: int, position: int, size: int) -> Iterator[PlanChunk]:
-        """Endless: ``size`` positions at a time from ``(epoch, position)`` on, epoch after epoch."""
-        while True:
-            plan = self.plan(epoch)
-            for start in range(position, len(plan), size):
-                positions = np.arange(start, min(start + size, len(plan)), dtype=np.int64)
-                yield PlanChunk(epoch, positions, plan[positions])
-            epoch, position = epoch + 1, 0
 
-    def after(self, epoch: int, position: int) -> tuple[int, int]:
-        """The (epoch, position) that follows ``position`` of ``epoch``."""
-        if position + 1 < len(self.plan(epoch)):
-            return epoch, position + 1
-        return epoch + 1, 0
+@dataclass
+class EpochRest:
+    """What is left of one epoch's plan: every position from ``start`` on, except the ``taken`` ones (sorted, all
+    >= start), which were consumed out of order before a resume on another number of slots."""
+
+    start: int = 0
+    taken: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def positions(self, indices: np.ndarray) -> np.ndarray:
+        """Plan positions of the rest's elements ``indices`` (ascending): the i-th position not taken from ``start``."""
+        # taken[m] has taken[m] - start - m untaken positions before it, so it precedes element i when that is <= i.
+        before = self.taken - self.start - np.arange(len(self.taken))  # (T,) non-decreasing
+        return self.start + indices + np.searchsorted(before, indices, side="right")
+
+    def length(self, plan_length: int) -> int:
+        return plan_length - self.start - len(self.taken)
+
+
+class SlotPlans:
+    """How ``num_slots`` readers share each epoch: slot ``v`` reads the rest's elements ``v, v + D, v + 2D, ...``
+    (D = ``num_slots``), and each slot keeps its own place ``(epoch, n)``: ``n`` elements of its share consumed.
+
+    A slot is one micro-batch stream: rank ``r`` of a world of W with A accumulation steps reads slots
+    ``r * A .. r * A + A - 1``, so a global step reads the same samples whether it runs as 2 processes of 1 micro-batch
+    or 1 process of 2. ``rests`` holds the epochs that were partly consumed before a resume on another number of slots
+    (``fold``); untouched epochs are whole.
+    """
+
+    def __init__(self, stream: SampleStream, num_slots: int) -> None:
+        self.stream = stream
+        self.num_slots = num_slots
+        self.rests: dict[int, EpochRest] = {}
+
+    def rest(self, epoch: int) -> EpochRest:
+        return self.rests.get(epoch) or EpochRest()
+
+    def share_length(self, slot: int, epoch: int) -> int:
+        """How many elements slot ``slot`` reads of ``epoch``."""
+        left = self.rest(epoch).length(len(self.stream.plan(epoch)))
+        return max(0, -(-(left - slot) // self.num_slots))
+
+    def chunk(self, slot: int, epoch: int, first: int, size: int) -> PlanChunk:
+        """Elements ``first .. first + size - 1`` of the slot's share of ``epoch`` (fewer at the share's end)."""
+        order = np.arange(first, min(first + size, self.share_length(slot, epoch)), dtype=np.int64)
+        positions = self.rest(epoch).positions(slot + self.num_slots * order)
+        return PlanChunk(epoch, positions, self.stream.plan(epoch)[positions], slot, order)
+
+    def fold(self, places: dict[int, tuple[int, int]]) -> None:
+        """Turn the slots' places into what is left of each epoch, for a resume on another number of slots: every
+        element a slot consumed is taken, the others stay, in plan order."""
+        epochs = [epoch for epoch, _ in places.values()]
+        rests = {}
+        for epoch in range(min(epochs), max(epochs) + 1):
+            rest, left = self.rest(epoch), self.rest(epoch).length(len(self.stream.plan(epoch)))
+            consumed = []  # (k,) indices into the rest
+            for slot in range(self.num_slots):
+                slot_epoch, n = places.get(slot, (min(epochs), 0))
+                n = self.share_length(slot, epoch) if slot_epoch > epoch else (n if slot_epoch == epoch else 0)
+                consumed.append(slot + self.num_slots * np.arange(n, dtype=np.int64))
+            done = np.sort(np.concatenate(consumed))
+            # The first element not consumed, and the consumed ones after it, in plan positions.
+            gaps = np.flatnonzero(done != np.arange(len(done)))
+            first_free = int(gaps[0]) if len(gaps) else len(done)
+            if first_free >= left:  # the whole epoch is consumed: nothing left of it (not "untouched")
+                rests[epoch] = EpochRest(len(self.stream.plan(epoch)))
+                continue
+            start = int(rest.positions(np.array([first_free]))[0])
+            taken = np.union1d(rest.taken[rest.taken > start], rest.positions(done[first_free:]))
+            rests[epoch] = EpochRest(start, taken.astype(np.int64))
+        self.rests = rests
+
+    def state_dict(self) -> dict:
+        return {"num_slots": self.num_slots,
+                "rests": {str(e): {"start": r.start, "taken": r.taken.tolist()} for e, r in self.rests.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_slots = int(state["num_slots"])
+        self.rests = {int(e): EpochRest(int(r["start"]), np.asarray(r["taken"], dtype=np.int64))
+                      for e, r in state["rests"].items()}
 
 
 @dataclass
 class DecodedChunk:
-    """What a backend made of a PlanChunk: the ``positions``/``samples`` (k,) it decoded, their ``images``
-    (k, H, W, 3) normalized in the training dtype on the device, and the ``bad`` ones as (sample, reason, detail)."""
+    """What a backend made of a PlanChunk (one per chunk, in order): the ``positions``/``samples`` (k,) it decoded,
+    their ``images`` (k, H, W, 3) normalized in the training dtype on the device, and the ``bad`` ones as
+    (sample, reason, detail)."""
 
     epoch: int
     positions: np.ndarray

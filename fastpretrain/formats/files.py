@@ -62,8 +62,10 @@ class AtomicFile:
             _sync_folder(self.path.parent)
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.file.close()  # on a full disk this fails again, flushing what is still buffered
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicFile:
         return self

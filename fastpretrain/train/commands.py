@@ -1,70 +1,108 @@
-"""``fastpretrain train``: flags (timm's names where timm has one), parsed into a TrainConfig, then train()."""
+"""``fastpretrain train`` (its flags are the config's fields, timm's names where timm has one) and ``report``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 
-from fastpretrain.data.decoders import BACKENDS as DATA_BACKENDS
-from fastpretrain.train.config import PAPER_PRESET, TrainConfig
+from fastpretrain.train.config import RECIPES, SECTIONS, dest_of, flag_of, resolve
+
+# What each field does, for --help (defaults and recipes are added from the config itself).
+HELP = {
+    ("data", "data"): "training shards: a folder, a glob or a brace pattern (default: the demo corpus)",
+    ("data", "vocab"): "vocab.json from `fastpretrain vocab build`",
+    ("data", "label_dir"): "label index folder (default: labels/ beside vocab.json)",
+    ("data", "val_data"): "held-out shards for precision@k at the end",
+    ("data", "val_label_dir"): "their label index folder (default: val-labels/ beside vocab.json)",
+    ("data", "backend"): "decoding backend (auto: DALI when importable, else torch)",
+    ("data", "workers"): "data loading workers per process (torch) or decoding threads (DALI)",
+    ("data", "image_size"): "training crop side in pixels",
+    ("data", "resample"): "rebalancing of the long tail, as in the paper",
+    ("data", "resample_t"): "threshold t of r(h) = max(1, phi(t / f(h))) (default: the most frequent class's share)",
+    ("data", "shuffle_buffer"): "a sample leaves the stream within this many places of its shard order",
+    ("data", "max_bad_fraction"): "share of bad samples (corrupt, unlabeled index rows, ...) that stops the run",
+    ("data", "decode_limit_pixels"): "larger images are skipped as decompression bombs",
+    ("data", "prefetch_batches"): "batches prepared ahead per worker",
+    ("data", "crop_scale"): "random-resized-crop area range",
+    ("data", "crop_ratio"): "random-resized-crop aspect ratio range",
+    ("data", "mean"): "normalization mean per channel",
+    ("data", "std"): "normalization std per channel",
+    ("data", "hw_decoder_load"): "DALI: share of JPEGs for the GPU's hardware decoder",
+    ("data", "demo_images"): "size of the demo corpus",
+    ("model", "arch"): "registered architecture",
+    ("model", "loss_backend"): "hashtag loss implementation (auto: triton on CUDA, cpp on CPU)",
+    ("model", "compile"): "torch.compile the model (the loss stays eager)",
+    ("model", "sync_bn"): "BatchNorm statistics over all devices (default: each device's batch, as the paper)",
+    ("optim", "batch_size"): "images per device and micro-batch",
+    ("optim", "accum_steps"): "micro-batches per step: global batch = batch size x world size x accum steps",
+    ("optim", "epochs"): "passes over the resampled stream",
+    ("optim", "steps"): "optimizer steps (overrides --epochs)",
+    ("optim", "lr"): "peak learning rate (default: 0.1 x global batch / 256, the linear scaling rule)",
+    ("optim", "momentum"): "SGD momentum",
+    ("optim", "nesterov"): "Nesterov momentum",
+    ("optim", "weight_decay"): "weight decay (none on BatchNorm and biases)",
+    ("optim", "sched"): "after the warm-up: cosine to zero, or step (halved at equally spaced steps)",
+    ("optim", "lr_halvings"): "halvings of the step schedule",
+    ("optim", "warmup_epochs"): "linear warm-up",
+    ("optim", "max_nonfinite_steps"): "non-finite steps in a row (skipped) that stop the run",
+    ("optim", "grad_compression"): "compress gradient all-reduces (DDP's bf16 hook)",
+    ("checkpoint", "interval"): "steps between checkpoints, 0: only at the end",
+    ("checkpoint", "keep"): "newest checkpoints kept",
+    ("checkpoint", "resume"): "continue from a checkpoint file, or `auto`: the newest valid one in --output",
+    ("run", "output"): "run folder: metrics.jsonl, checkpoints/, config.json, env.json",
+    ("run", "device"): "auto, cpu, cuda or cuda:N (under torchrun: each process's local rank)",
+    ("run", "seed"): "seed of the data order, crops and initialization",
+    ("run", "amp"): "bf16 autocast where the hardware has native bf16",
+    ("run", "deterministic"): "deterministic algorithms: a killed and resumed run equals an uninterrupted one",
+    ("run", "cuda_graphs"): "capture forward and backward in a CUDA graph (static shapes; CUDA only)",
+    ("run", "log_interval"): "steps between metric lines",
+    ("run", "tensorboard"): "also write the metrics as TensorBoard scalars (needs the tensorboard package)",
+    ("run", "dist_timeout"): "seconds a collective waits for a lost peer before the job fails",
+}
+# Short and alternative spellings users know from timm.
+ALIASES = {("data", "workers"): ("-j",), ("model", "arch"): ("--arch",), ("optim", "batch_size"): ("-b",),
+           ("optim", "weight_decay"): ("--wd",)}
 
 
-def _default(name: str) -> str:
-    """Flags default to None so that TrainConfig alone holds the defaults; the help shows them."""
-    return f"(default: {TrainConfig.__dataclass_fields__[name].default})"
+def _default_text(section: str, name: str) -> str:
+    default = next(f.default for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    recipes = [f"{recipe}: {layer[section][name]}" for recipe, layer in RECIPES.items()
+               if name in layer.get(section, {})]
+    return f" (default: {default}" + (f"; {', '.join(recipes)}" if recipes else "") + ")"
 
 
-def _preset_help(name: str) -> str:
-    return f"(default: {TrainConfig.__dataclass_fields__[name].default} for the demo, {PAPER_PRESET[name]} with --data)"
-
-
-def run_train(args: argparse.Namespace) -> int:
-    from fastpretrain.train.loop import train
-
-    result = train(TrainConfig.from_flags(vars(args)))
-    if result.get("event") == "eval":
-        print(f"precision@1 {result['precision@1']:.3f}  precision@5 {result['precision@5']:.3f}  "
-              f"(always the most frequent class: precision@1 {result['majority_precision@1']:.3f})")
-    return 0
+def _add_field(group, section: str, name: str, hint) -> None:
+    names = (*ALIASES.get((section, name), ()), flag_of(section, name))
+    options = {"dest": dest_of(section, name), "default": None,
+               "help": HELP[(section, name)] + _default_text(section, name)}
+    kinds = [k for k in typing.get_args(hint) or (hint,) if k is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        options.update(nargs=len(typing.get_args(hint)), type=float, metavar="X")
+    elif kinds == [bool]:
+        options["action"] = argparse.BooleanOptionalAction
+    else:
+        options["type"] = kinds[0]
+    group.add_argument(*names, **options)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="pretrain a ResNeXt on hashtags (the demo corpus without --data)")
-    data = p.add_argument_group("data")
-    data.add_argument("--data", help="training shards: a folder, a glob or a brace pattern (default: demo corpus)")
-    data.add_argument("--vocab", help="vocab.json from `fastpretrain vocab build`")
-    data.add_argument("--labels", dest="label_dir", help="label index folder (default: labels/ beside vocab.json)")
-    data.add_argument("--val-data", help="held-out shards for the final precision@k")
-    data.add_argument("--val-labels", dest="val_label_dir", help="their label index folder (default: val-labels/ beside vocab.json)")
-    data.add_argument("--data-backend", choices=list(DATA_BACKENDS), help=_default("data_backend"))
-    data.add_argument("--resample", choices=["natural", "sqrt", "uniform"],
-                      help="rebalancing of the long tail, as in the paper " + _default("resample"))
-    data.add_argument("--resample-t", type=float, help="the threshold t of r(h) = max(1, phi(t / f(h))) "
-                                                       "(default: the share of images of the most frequent class)")
-    data.add_argument("-j", "--workers", type=int, help="data loading workers " + _preset_help("workers"))
-    data.add_argument("--demo-images", type=int, help="size of the demo corpus " + _default("demo_images"))
-
-    model = p.add_argument_group("model")
-    model.add_argument("--model", "--arch", dest="arch", help="registered architecture " + _preset_help("arch"))
-    model.add_argument("--img-size", dest="image_size", type=int, help="training crop " + _preset_help("image_size"))
-    model.add_argument("--loss-backend", choices=["auto", "triton", "cpp", "torch"], help=_default("loss_backend"))
-
-    opt = p.add_argument_group("optimization")
-    opt.add_argument("-b", "--batch-size", type=int, help="images per process " + _preset_help("batch_size"))
-    opt.add_argument("--epochs", type=float, help="passes over the resampled stream " + _preset_help("epochs"))
-    opt.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    opt.add_argument("--lr", type=float, help="peak learning rate (default: 0.2 for the demo, 0.1 x batch / 256 with "
-                                              "--data: the linear scaling rule)")
-    opt.add_argument("--momentum", type=float, help=_default("momentum"))
-    opt.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, help=_default("weight_decay"))
-    opt.add_argument("--warmup-epochs", type=float, help="linear warm-up " + _preset_help("warmup_epochs"))
-    opt.add_argument("--amp", action="store_true", help="bf16 autocast where the hardware has native bf16")
-
-    run = p.add_argument_group("run")
-    run.add_argument("--output", help="run folder: metrics.jsonl, checkpoint.pt, config " + _default("output"))
-    run.add_argument("--device", help="auto, cpu, cuda or cuda:N " + _default("device"))
-    run.add_argument("--seed", type=int, help=_default("seed"))
-    run.add_argument("--log-interval", type=int, help="steps between metric lines " + _preset_help("log_interval"))
-    run.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints, 0: only at the end " +
-                     _default("checkpoint_interval"))
-    run.add_argument("--resume", help="checkpoint to continue from")
+    p.add_argument("--config", help="a TOML file of [data], [model], [optim], [checkpoint], [run] fields; flags win")
+    p.add_argument("--recipe", choices=list(RECIPES), help="a named set of defaults (default: demo without --data)")
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            _add_field(group, section, item.name, hints[item.name])
     p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastpretrain.train.trainer import train
+
+    result = train(resolve(vars(args)))
+    if result.get("event") == "eval":
+        print(f"precision@1 {result['precision@1']:.3f}  precision@5 {result['precision@5']:.3f}  "
+              f"(always the most frequent class: precision@1 {result['majority_precision@1']:.3f})")
+    return 0

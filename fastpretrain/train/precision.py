@@ -1,4 +1,4 @@
-"""Device and mixed-precision choice: bf16 autocast where the hardware runs bf16 natively, float32 elsewhere."""
+"""Mixed-precision choice: bf16 autocast where the hardware runs bf16 natively, float32 elsewhere."""
 
 from __future__ import annotations
 
@@ -6,16 +6,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-
-from fastpretrain.errors import UserError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
 
 
 def cpu_has_native_bf16() -> bool:
