@@ -225,3 +225,18 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(demo_cac
     finite = [r for r in read_metrics(run) if r["event"] == "train"]
     assert finite[0]["nonfinite_steps"] == 0 and all(torch.isfinite(t).all() for t in state["state_dict"].values()
                                                      if t.is_floating_point())
+
+
+def test_tensorboard_gets_the_scalars_of_the_metrics_lines(demo_cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--steps", "4", "--log-interval", "2", "--tensorboard", "--output", str(run)]) == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = [r for r in read_metrics(run) if r["event"] == "train"]
+    for name in ("loss", "lr", "images_per_sec", "data_wait_share"):
+        scalars = events.Scalars(f"train/{name}")
+        assert [s.step for s in scalars] == [r["step"] for r in logged]
+        assert [s.value for s in scalars] == pytest.approx([r[name] for r in logged], rel=1e-6)
