@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastpretrain.data.synth import write_demo_corpus
+from fastpretrain.data.synth import write_demo_corpus, write_labeled_split
 from fastpretrain.formats.files import cache_root
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,12 @@ def prepare_demo(images: int, seed: int = 0, workers: int = 2) -> DemoPaths:
 
 
 def run_synth(args) -> int:
+    if args.labeled:
+        written = write_labeled_split(args.out, {"train": args.per_class, "val": args.per_class}, seed=args.seed,
+                                      image_size=args.image_size)
+        print(f"wrote {', '.join(f'{n} {split}' for split, n in written.items())} labeled pictures "
+              f"(ImageFolder: SPLIT/CLASS/*.jpg) to {args.out}")
+        return 0
     shards = write_demo_corpus(args.out, args.images, seed=args.seed, shard_size=args.shard_size,
                                image_size=args.image_size)
     print(f"wrote {args.images} posts in {len(shards)} shards to {args.out}")
@@ -80,5 +86,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="the corpus is a pure function of the seed (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="posts per shard (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=96, help="picture side in pixels (default: %(default)s)")
+    p.add_argument("--labeled", action="store_true",
+                   help="a labeled ImageFolder (train/, val/, a folder per object) for fine-tuning and probing instead")
+    p.add_argument("--per-class", type=int, default=40,
+                   help="with --labeled: pictures per class and split (default: %(default)s)")
     p.set_defaults(func=run_synth)
 

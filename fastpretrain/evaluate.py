@@ -1,4 +1,5 @@
-"""Hashtag prediction metrics: precision@k against an image's hashtags, and the majority-class baseline."""
+"""Metrics: hashtag prediction's precision@k against an image's hashtags and the majority-class baseline;
+classification's top-1 and top-5 accuracy."""
 
 from __future__ import annotations
 
@@ -53,12 +54,35 @@ def evaluation_sums(model: nn.Module, batches: Iterable, majority_class: int,
 
 
 def mean_metrics(sums: dict[str, float]) -> dict:
-    """The means of ``evaluation_sums`` (0 without images), and the number of images."""
+    """The means of ``evaluation_sums`` or ``accuracy_sums`` (0 without images), and the number of images."""
     images = int(sums["images"])
-    return {name: sums[name] / max(images, 1) for name in METRICS} | {"images": images}
+    return {name: total / max(images, 1) for name, total in sums.items() if name != "images"} | {"images": images}
 
 
 def evaluate(model: nn.Module, batches: Iterable, majority_class: int,
              autocast: contextlib.AbstractContextManager | None = None) -> dict:
     """Mean precision@1 and @5 over every image with at least one hashtag, and the majority-class baseline."""
     return mean_metrics(evaluation_sums(model, batches, majority_class, autocast))
+
+
+CLASS_METRICS = ("top1", "top5")
+
+
+@torch.no_grad()
+def accuracy_sums(model: nn.Module, batches: Iterable,
+                  autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+    """Sums of top-1 and top-5 hits over single-label images (a batch's labels: one class per image), and
+    ``images``: sums, so that the shares of several processes add up (``mean_metrics`` makes them means)."""
+    was_training = model.training
+    model.eval()
+    sums = dict.fromkeys(CLASS_METRICS, 0.0) | {"images": 0.0}
+    for batch in batches:
+        with autocast or contextlib.nullcontext():
+            logits = model(batch.images).float()  # (B, C)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+        hits = top == batch.labels[:, None]  # (B, k)
+        sums["top1"] += hits[:, 0].sum().item()
+        sums["top5"] += hits.any(1).sum().item()
+        sums["images"] += len(batch.labels)
+    model.train(was_training)
+    return sums

@@ -14,14 +14,15 @@ TRAIN_FLAGS = {
     "--config", "--recipe",
     "--data", "--vocab", "--labels", "--val-data", "--val-labels", "--data-backend", "-j", "--workers", "--img-size",
     "--resample", "--resample-t", "--shuffle-buffer", "--max-bad-fraction", "--decode-limit-pixels",
-    "--prefetch-batches", "--scale", "--ratio", "--mean", "--std", "--hw-decoder-load", "--demo-images",
-    "--model", "--arch", "--loss-backend", "--compile", "--no-compile", "--sync-bn", "--no-sync-bn",
+    "--prefetch-batches", "--scale", "--ratio", "--mean", "--std", "--hw-decoder-load", "--num-classes",
+    "--demo-images", "--model", "--arch", "--init", "--pretrained", "--loss-backend", "--compile", "--no-compile",
+    "--sync-bn", "--no-sync-bn",
     "-b", "--batch-size", "--accum-steps", "--epochs", "--steps", "--lr", "--momentum", "--nesterov", "--no-nesterov",
     "--weight-decay", "--wd", "--sched", "--lr-halvings", "--warmup-epochs", "--max-nonfinite-steps",
-    "--grad-compression",
+    "--grad-compression", "--mixup", "--ema-decay",
     "--checkpoint-interval", "--checkpoint-keep", "--resume",
     "--output", "--device", "--seed", "--amp", "--no-amp", "--deterministic", "--no-deterministic", "--cuda-graphs",
-    "--no-cuda-graphs", "--log-interval", "--tensorboard", "--no-tensorboard", "--dist-timeout",
+    "--no-cuda-graphs", "--log-interval", "--eval-epochs", "--tensorboard", "--no-tensorboard", "--dist-timeout",
     "-h", "--help",
 }
 
@@ -37,10 +38,11 @@ def flags(*argv: str) -> dict:
 
 def test_commands_and_train_flags_are_frozen():
     commands = subcommands(build_parser())
-    assert set(commands) == {"train", "synth", "data", "vocab", "report"}
+    assert set(commands) == {"train", "finetune", "synth", "data", "vocab", "report"}
     assert set(subcommands(commands["vocab"])) == {"build", "label"}
     assert set(subcommands(commands["data"])) == {"index"}
-    assert {s for a in commands["train"]._actions for s in a.option_strings} == TRAIN_FLAGS
+    for command in ("train", "finetune"):  # one config, two tasks
+        assert {s for a in commands[command]._actions for s in a.option_strings} == TRAIN_FLAGS
 
 
 def test_without_data_the_demo_recipe_with_data_the_defaults_and_flags_win():

@@ -555,18 +555,6 @@ def test_dali_finished_graph_runs_on_the_cpu_like_pil(tmp_path, rng):
     assert mean_level_error(got, reference) < 3.0
 
 
-def test_rank_and_world_size_come_from_the_environment(tmp_path, rng, monkeypatch):
-    corpus = make_corpus(tmp_path, rng, shards=4, per_shard=12)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    loader = build_train_loader(corpus.config(backend="torch"), corpus.vocab, CPU, torch.float32)
-    assert [p.name for p in loader.plans.stream.table.paths] == ["00001.tar", "00003.tar"]
-    assert loader.state_dict()["rank"] == 1 and loader.state_dict()["world_size"] == 2
-    monkeypatch.setenv("RANK", "2")
-    with pytest.raises(UserError, match="rank 2"):
-        build_train_loader(corpus.config(backend="torch"), corpus.vocab, CPU, torch.float32)
-
-
 def test_dali_gpu_pipeline_definition():
     """The GPU pipeline cannot run here: check its graph, operator by operator, without building it."""
     if "dali" not in BACKENDS:

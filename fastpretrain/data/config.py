@@ -21,7 +21,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
-    """Where the shards and labels are and how to turn them into batches.
+    """Where the images and labels are and how to turn them into batches.
+
+    ``shards``: WebDataset shards (a folder, glob, brace pattern or list), or an ImageFolder tree. ``label_dir``: the
+    folder of their label indexes (hashtags: one per shard, from ``vocab build``/``vocab label``); None when the labels
+    are in the data itself: an ImageFolder's class folders, or each sample's ``cls`` member.
 
     ``workers``: DataLoader worker processes for the torch backend (0 decodes in the training process),
     decoding threads for DALI (at least 1). ``prefetch_batches``: batches prepared ahead, per worker for the
@@ -32,7 +36,7 @@ class DataConfig:
     """
 
     shards: str | list[str]
-    label_dir: str
+    label_dir: str | None
     backend: str = "auto"
     batch_size: int = 256
     image_size: int = 224
@@ -57,7 +61,7 @@ class DataConfig:
                 raise UserError("data.shards: empty")
         elif not self.shards or not all(isinstance(s, str) and s.strip() for s in self.shards):
             raise UserError("data.shards: give a folder, glob, brace pattern, or a non-empty list of them")
-        if not str(self.label_dir).strip():
+        if self.label_dir is not None and not str(self.label_dir).strip():
             raise UserError("data.label_dir: empty")
         if self.backend not in BACKENDS:
             raise UserError(f"data.backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")

@@ -9,15 +9,16 @@ import hashlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fastpretrain.data.config import Batch, DataConfig
 from fastpretrain.data.decoders import make_decoder
-from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleStream, SampleTable, SkipLog, SlotPlans, load_table
+from fastpretrain.data.stream import (DecodedChunk, PlanChunk, SampleStream, SampleTable, SkipLog, SlotPlans, StaticSkip,
+                                      image_folder_table, load_class_table, load_table)
 from fastpretrain.errors import DataError, UserError
+from fastpretrain.formats.image_folder import is_image_folder, read_image_folder
 from fastpretrain.formats.shards import list_shards
 from fastpretrain.hashtags.resample import class_replication, image_replication
 
@@ -328,8 +329,19 @@ def _fingerprint(table: SampleTable) -> str:
     return hashlib.blake2b(names.encode(), digest_size=12).hexdigest()
 
 
-def _open(cfg: DataConfig, vocab: Vocab, paths: list[Path], share: float) -> tuple[SampleTable, SkipLog]:
-    table, static_skips = load_table(paths, cfg.label_dir, vocab.content_hash)
+def _read_table(cfg: DataConfig, vocab: Vocab) -> tuple[SampleTable, list[StaticSkip]]:
+    """The samples of ``cfg.shards`` and their labels: hashtags from the label indexes in ``cfg.label_dir``; without
+    one, classes from an ImageFolder's class folders (named as ``vocab``'s classes) or from each sample's ``cls``."""
+    if cfg.label_dir is not None:
+        return load_table(list_shards(cfg.shards), cfg.label_dir, vocab.content_hash)
+    if isinstance(cfg.shards, str) and is_image_folder(cfg.shards):
+        return image_folder_table(read_image_folder(cfg.shards, vocab.wnids)), []
+    return load_class_table(list_shards(cfg.shards), len(vocab))
+
+
+def _open(cfg: DataConfig, vocab: Vocab, share: float) -> tuple[SampleTable, SkipLog]:
+    table, static_skips = _read_table(cfg, vocab)
+    paths = table.paths
     # Checked once here, where the batches come from: the CUDA loss reads labels without a per-step check.
     highest = int(table.labels.argmax()) if table.labels.size else None  # position of the largest class id
     if highest is not None and int(table.labels[highest]) >= len(vocab):
@@ -343,7 +355,7 @@ def _open(cfg: DataConfig, vocab: Vocab, paths: list[Path], share: float) -> tup
         skips.add_static(skip.reason, skip.shard, skip.count, skip.detail)
     skips.check()
     if not table.usable.any():
-        raise DataError(f"no usable sample in {len(paths)} shards ({', '.join(f'{r}: {n}' for r, n in skips.counts().items())})")
+        raise DataError(f"no usable sample in {len(paths)} files ({', '.join(f'{r}: {n}' for r, n in skips.counts().items())})")
     return table, skips
 
 
@@ -355,7 +367,7 @@ def build_train_loader(cfg: DataConfig, vocab: Vocab, device: torch.device, dtyp
     slots = [0] if slots is None else list(slots)
     if not slots or any(not 0 <= slot < num_slots for slot in slots):
         raise ValueError(f"build_train_loader: slots {slots} are not all in [0, {num_slots})")
-    table, skips = _open(cfg, vocab, list_shards(cfg.shards), len(slots) / num_slots)
+    table, skips = _open(cfg, vocab, len(slots) / num_slots)
     class_r = class_replication(vocab.counts, vocab.num_images, cfg.resample, cfg.resample_t)
     replication = image_replication(class_r, table.labels, table.label_offsets)
     stream = SampleStream(table, replication, cfg.seed, cfg.shuffle_buffer)
@@ -371,6 +383,6 @@ def build_eval_loader(cfg: DataConfig, vocab: Vocab, device: torch.device, dtype
                       world_size: int = 1) -> EvalLoader:
     """Every labeled sample once, in shard order, rank ``rank``'s share of ``world_size``: resize to
     ``round(image_size * 256 / 224)``, centre crop, normalize."""
-    table, skips = _open(cfg, vocab, list_shards(cfg.shards), 1 / world_size)
+    table, skips = _open(cfg, vocab, 1 / world_size)
     return EvalLoader(cfg, table, skips, make_decoder(cfg, table, device, dtype, train=False), device, rank,
                       world_size)

@@ -30,15 +30,17 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fastpretrain.formats.shards import load_index
 from fastpretrain.errors import DataError, UserError
+from fastpretrain.formats.image_folder import ImageFolder
 from fastpretrain.formats.labels import LabelIndex, label_index_path
+from fastpretrain.formats.shards import MemberReader, ShardIndex, load_index
 from fastpretrain.hashtags.resample import copies
 
 if TYPE_CHECKING:
@@ -141,12 +143,94 @@ class SampleTable:
 
 def load_table(paths: list[Path], label_dir: str | os.PathLike, vocab_hash: str) -> tuple[SampleTable, list[StaticSkip]]:
     """Read the shard indexes and label indexes of ``paths``; UserError if a label index is of another vocabulary."""
-    loaded = [_load_shard(shard, path, label_dir, vocab_hash) for shard, path in enumerate(paths)]
+    return _load_shards(paths, lambda shard, path, index: _index_labels(shard, path, index, label_dir, vocab_hash),
+                        lambda path: _label_index_length(label_dir, path))
+
+
+def load_class_table(paths: list[Path], num_classes: int) -> tuple[SampleTable, list[StaticSkip]]:
+    """Read the shard indexes of ``paths`` and each sample's class from its ``cls`` member (WebDataset's convention:
+    the class index as text), which must lie in [0, num_classes)."""
+    return _load_shards(paths, lambda shard, path, index: _member_classes(shard, path, index, num_classes),
+                        lambda path: 0)
+
+
+def image_folder_table(folder: ImageFolder) -> SampleTable:
+    """An ImageFolder tree as a table: every file its own one-sample "shard" (read whole, from offset 0)."""
+    n = len(folder.files)
+    starts = np.arange(n + 1, dtype=np.int64)
+    keys = np.array([str(path.relative_to(folder.root)) for path in folder.files], dtype=str)
+    return SampleTable(list(folder.files), starts, np.arange(n, dtype=np.int32), keys, np.zeros(n, np.int64),
+                       folder.sizes, starts.copy(), folder.labels.astype(np.int32), np.ones(n, dtype=bool))
+
+
+@dataclass
+class ShardLabels:
+    """What a label reader found for a shard's samples: their labels as CSR, which lack their metadata (the reader's
+    own precondition), which have no label and why, and other skips (e.g. labels of samples the shard lost)."""
+
+    labels: np.ndarray  # (nnz,)
+    offsets: np.ndarray  # (n + 1,)
+    no_metadata: np.ndarray  # (n,) bool
+    missing: np.ndarray  # (n,) bool
+    missing_detail: str
+    skips: list[StaticSkip]
+
+
+LabelReader = Callable[[int, Path, ShardIndex], ShardLabels]
+
+
+def _load_shards(paths: list[Path], labels_for: LabelReader,
+                 known_length: Callable[[Path], int]) -> tuple[SampleTable, list[StaticSkip]]:
+    loaded = [_load_shard(shard, path, labels_for, known_length) for shard, path in enumerate(paths)]
     return SampleTable.concat([table for table, _ in loaded]), [skip for _, skips in loaded for skip in skips]
 
 
-def _load_shard(shard: int, path: Path, label_dir: str | os.PathLike, vocab_hash: str) -> tuple[SampleTable, list[StaticSkip]]:
+def _load_shard(shard: int, path: Path, labels_for: LabelReader,
+                known_length: Callable[[Path], int]) -> tuple[SampleTable, list[StaticSkip]]:
     """Shard number ``shard``'s samples, and what is excluded of them before decoding."""
+    try:
+        index = load_index(path)
+    except DataError as e:
+        none = np.zeros(0, dtype=np.int64)
+        table = SampleTable.of_shard(path, np.zeros(0, dtype=str), none, none, np.zeros(1, np.int64), none,
+                                     np.zeros(0, dtype=bool))
+        return table, [StaticSkip("unreadable_shard", shard, known_length(path), str(e))]
+    n = len(index)
+    found = labels_for(shard, path, index)
+    skips = found.skips
+    image_offset = np.full(n, -1, dtype=np.int64)
+    image_size = np.zeros(n, dtype=np.int64)
+    for i, members in enumerate(index.members):
+        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        if ext is not None:
+            image_offset[i], image_size[i] = members[ext]
+    has_labels = np.diff(found.offsets) > 0
+    # Each excluded sample is counted once, under the first of these reasons that applies.
+    excluded = np.zeros(n, dtype=bool)
+    for reason, applies, detail in (
+        ("missing_image", image_offset < 0, "no image member"),
+        ("missing_metadata", found.no_metadata, "no .json or .txt member"),
+        ("missing_labels", found.missing, found.missing_detail),
+        ("unlabeled", ~has_labels, "no kept hashtag"),
+    ):
+        counted = applies & ~excluded
+        if counted.any():
+            skips.append(StaticSkip(reason, shard, int(counted.sum()), f"{detail}, e.g. sample {index.keys[counted.argmax()]}"))
+        excluded |= counted
+    table = SampleTable.of_shard(path, index.keys, image_offset, image_size, found.offsets, found.labels, ~excluded)
+    return table, skips
+
+
+def _label_index_length(label_dir: str | os.PathLike, path: Path) -> int:
+    """How many samples an unreadable shard had, from its label index (0 when that is gone too)."""
+    try:
+        return len(LabelIndex.load(label_index_path(label_dir, path)))
+    except DataError:
+        return 0
+
+
+def _index_labels(shard: int, path: Path, index: ShardIndex, label_dir: str | os.PathLike, vocab_hash: str):
+    """A shard's hashtag labels from its label index; samples need their metadata (the posts the index was made of)."""
     label_file = label_index_path(label_dir, path)
     try:
         label_index: LabelIndex | None = LabelIndex.load(label_file)
@@ -157,21 +241,12 @@ def _load_shard(shard: int, path: Path, label_dir: str | os.PathLike, vocab_hash
             f"label index {label_file} was made with another vocabulary (hash {label_index.vocab_hash[:12]}, "
             f"the vocabulary's is {vocab_hash[:12]}): relabel the shards with `fastpretrain vocab label`"
         )
-    try:
-        index = load_index(path)
-    except DataError as e:
-        lost = len(label_index) if label_index is not None else 0
-        none = np.zeros(0, dtype=np.int64)
-        table = SampleTable.of_shard(path, np.zeros(0, dtype=str), none, none, np.zeros(1, np.int64), none,
-                                     np.zeros(0, dtype=bool))
-        return table, [StaticSkip("unreadable_shard", shard, lost, str(e))]
-
     n = len(index)
     skips: list[StaticSkip] = []
-    missing_labels_detail = "key not in the label index"
+    detail = "key not in the label index"
     if label_index is None:
         rows = np.full(n, -1, dtype=np.int64)
-        missing_labels_detail = label_problem
+        detail = label_problem
         label_index = LabelIndex.from_rows([], [], vocab_hash)
     elif len(label_index) == n and np.array_equal(label_index.keys, index.keys):
         rows = np.arange(n, dtype=np.int64)
@@ -181,30 +256,35 @@ def _load_shard(shard: int, path: Path, label_dir: str | os.PathLike, vocab_hash
         lost = len(label_index) - len(np.unique(rows[rows >= 0]))
         if lost > 0:  # e.g. a truncated shard
             skips.append(StaticSkip("missing_in_shard", shard, lost, f"{lost} samples of {label_file} not in the shard"))
+    no_metadata = np.array([not ("json" in m or "txt" in m) for m in index.members], dtype=bool)
+    labels, offsets = gather_rows(label_index.offsets, label_index.labels, rows)
+    return ShardLabels(labels, offsets, no_metadata, rows < 0, detail, skips)
 
-    image_offset = np.full(n, -1, dtype=np.int64)
-    image_size = np.zeros(n, dtype=np.int64)
-    has_metadata = np.zeros(n, dtype=bool)
-    for i, members in enumerate(index.members):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-        if ext is not None:
-            image_offset[i], image_size[i] = members[ext]
-        has_metadata[i] = "json" in members or "txt" in members
-    labels, label_offsets = gather_rows(label_index.offsets, label_index.labels, rows)
-    has_labels = np.diff(label_offsets) > 0
-    # Each excluded sample is counted once, under the first of these reasons that applies.
-    excluded = np.zeros(n, dtype=bool)
-    for reason, applies, detail in (
-        ("missing_image", image_offset < 0, "no image member"),
-        ("missing_metadata", ~has_metadata, "no .json or .txt member"),
-        ("missing_labels", rows < 0, missing_labels_detail),
-        ("unlabeled", ~has_labels, "no kept hashtag"),
-    ):
-        counted = applies & ~excluded
-        if counted.any():
-            skips.append(StaticSkip(reason, shard, int(counted.sum()), f"{detail}, e.g. sample {index.keys[counted.argmax()]}"))
-        excluded |= counted
-    return SampleTable.of_shard(path, index.keys, image_offset, image_size, label_offsets, labels, ~excluded), skips
+
+def _member_classes(shard: int, path: Path, index: ShardIndex, num_classes: int):
+    """A shard's classes from each sample's ``cls`` member; a missing or out-of-range one is a missing label."""
+    reader = MemberReader([path])
+    classes = np.full(len(index), -1, dtype=np.int64)
+    bad = None
+    try:
+        for i, members in enumerate(index.members):
+            if "cls" not in members:
+                continue
+            try:
+                value = int(reader.read(0, *members["cls"]).decode().strip())
+            except (ValueError, UnicodeDecodeError, OSError):
+                value = -1
+            if 0 <= value < num_classes:
+                classes[i] = value
+            elif bad is None:
+                bad = f"sample {index.keys[i]}'s cls is not a class index in [0, {num_classes})"
+    finally:
+        reader.close()
+    labeled = classes >= 0
+    offsets = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(labeled, out=offsets[1:])
+    return ShardLabels(classes[labeled].astype(np.int32), offsets, np.zeros(len(index), dtype=bool), ~labeled,
+                       bad or "no .cls member", [])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -148,15 +148,11 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def make_post(seed: int, index: int, image_size: int = 96) -> Post:
-    """Draw post number ``index`` of the corpus with ``seed``: its JPEG and its img2dataset-style JSON."""
-    rng = np.random.default_rng([seed, index])
-    zipf = 1.0 / np.arange(1, len(OBJECTS) + 1) ** ZIPF_EXPONENT
-    obj = OBJECTS[int(rng.choice(len(OBJECTS), p=zipf / zipf.sum()))]
+def _draw_scene(rng: np.random.Generator, obj: Concept, image_size: int) -> tuple[Image.Image, str, str, int]:
+    """One to three copies of ``obj`` in a random colour on a random texture: (picture, colour, texture, count)."""
     colour = _pick(rng, tuple(COLOURS))
     texture = _pick(rng, tuple(TEXTURES))
     count = int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))
-
     image = _draw_background(image_size, texture, rng)
     draw = ImageDraw.Draw(image)
     radius = image_size * (0.32 if count == 1 else 0.2)
@@ -164,6 +160,21 @@ def make_post(seed: int, index: int, image_size: int = 96) -> Post:
         cx = image_size * ((i + 0.5) / count) + rng.uniform(-0.05, 0.05) * image_size
         cy = image_size * 0.5 + rng.uniform(-0.15, 0.15) * image_size
         _draw_object(draw, obj.name, cx, cy, radius * rng.uniform(0.85, 1.1), COLOURS[colour])
+    return image, colour, texture, count
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_post(seed: int, index: int, image_size: int = 96) -> Post:
+    """Draw post number ``index`` of the corpus with ``seed``: its JPEG and its img2dataset-style JSON."""
+    rng = np.random.default_rng([seed, index])
+    zipf = 1.0 / np.arange(1, len(OBJECTS) + 1) ** ZIPF_EXPONENT
+    obj = OBJECTS[int(rng.choice(len(OBJECTS), p=zipf / zipf.sum()))]
+    image, colour, texture, count = _draw_scene(rng, obj, image_size)
 
     true_tags = [_pick(rng, obj.tags), _pick(rng, COLOUR_TAGS[colour])]
     true_tags += [_pick(rng, t) for t in (TEXTURES[texture], COUNT_TAGS[count]) if t]
@@ -180,9 +191,30 @@ def make_post(seed: int, index: int, image_size: int = 96) -> Post:
         meta["tags"] = []
     else:
         meta["tags"] = tags
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return Post(key="", jpeg=buffer.getvalue(), meta=meta)
+    return Post(key="", jpeg=_jpeg(image), meta=meta)
+
+
+LABELED_SPLITS = {"train": 1, "val": 2}  # split -> its draws' stream, apart from the hashtag corpus's
+
+
+def write_labeled_split(out_dir: str | Path, per_class: dict[str, int], seed: int = 0,
+                        image_size: int = 96) -> dict[str, int]:
+    """A labeled ImageFolder from the demo's world, for transfer: ``OUT/SPLIT/OBJECT/NNNNN.jpg``, ``per_class[split]``
+    pictures of each object (balanced, unlike the hashtag corpus's long tail), no hashtags. Returns images per split."""
+    if any(n < 1 for n in per_class.values()):
+        raise UserError(f"images per class must be at least 1, got {per_class}")
+    if seed < 0:
+        raise UserError(f"--seed must not be negative, got {seed}")
+    written = {}
+    for split, count in per_class.items():
+        for c, obj in enumerate(OBJECTS):
+            folder = Path(out_dir) / split / obj.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, LABELED_SPLITS[split], c, i])
+                (folder / f"{i:05d}.jpg").write_bytes(_jpeg(_draw_scene(rng, obj, image_size)[0]))
+        written[split] = count * len(OBJECTS)
+    return written
 
 
 def write_demo_corpus(

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import typing
 
-from fastpretrain.train.config import RECIPES, SECTIONS, dest_of, flag_of, resolve
+from fastpretrain.train.config import DEFAULT_RECIPE, RECIPES, SECTIONS, dest_of, flag_of, resolve
 
 # What each field does, for --help (defaults and recipes are added from the config itself).
 HELP = {
@@ -29,8 +29,10 @@ HELP = {
     ("data", "mean"): "normalization mean per channel",
     ("data", "std"): "normalization std per channel",
     ("data", "hw_decoder_load"): "DALI: share of JPEGs for the GPU's hardware decoder",
+    ("data", "num_classes"): "classes of shards with a cls member (an ImageFolder's class folders say it)",
     ("data", "demo_images"): "size of the demo corpus",
     ("model", "arch"): "registered architecture",
+    ("model", "init"): "start from these weights (our checkpoint, a torchvision or timm state dict); the head is new",
     ("model", "loss_backend"): "hashtag loss implementation (auto: triton on CUDA, cpp on CPU)",
     ("model", "compile"): "torch.compile the model (the loss stays eager)",
     ("model", "sync_bn"): "BatchNorm statistics over all devices (default: each device's batch, as the paper)",
@@ -47,6 +49,8 @@ HELP = {
     ("optim", "warmup_epochs"): "linear warm-up",
     ("optim", "max_nonfinite_steps"): "non-finite steps in a row (skipped) that stop the run",
     ("optim", "grad_compression"): "compress gradient all-reduces (DDP's bf16 hook)",
+    ("optim", "mixup"): "mixup's alpha: images and targets mixed with the batch's reverse (0: off)",
+    ("optim", "ema_decay"): "keep an exponential moving average of the weights and evaluate it (0: off)",
     ("checkpoint", "interval"): "steps between checkpoints, 0: only at the end",
     ("checkpoint", "keep"): "newest checkpoints kept",
     ("checkpoint", "resume"): "continue from a checkpoint file, or `auto`: the newest valid one in --output",
@@ -57,12 +61,13 @@ HELP = {
     ("run", "deterministic"): "deterministic algorithms: a killed and resumed run equals an uninterrupted one",
     ("run", "cuda_graphs"): "capture forward and backward in a CUDA graph (static shapes; CUDA only)",
     ("run", "log_interval"): "steps between metric lines",
+    ("run", "eval_epochs"): "evaluate the held-out split every this many epochs (0: only at the end)",
     ("run", "tensorboard"): "also write the metrics as TensorBoard scalars (needs the tensorboard package)",
     ("run", "dist_timeout"): "seconds a collective waits for a lost peer before the job fails",
 }
 # Short and alternative spellings users know from timm.
 ALIASES = {("data", "workers"): ("-j",), ("model", "arch"): ("--arch",), ("optim", "batch_size"): ("-b",),
-           ("optim", "weight_decay"): ("--wd",)}
+           ("optim", "weight_decay"): ("--wd",), ("model", "init"): ("--pretrained",)}
 
 
 def _default_text(section: str, name: str) -> str:
@@ -82,27 +87,36 @@ def _add_field(group, section: str, name: str, hint) -> None:
     elif kinds == [bool]:
         options["action"] = argparse.BooleanOptionalAction
     else:
-        options["type"] = kinds[0]
+        options.update(type=kinds[0], metavar=name.upper())
     group.add_argument(*names, **options)
 
 
+COMMANDS = {  # command -> (task, help)
+    "train": ("hashtags", "pretrain a ResNeXt on hashtags (the demo corpus without --data)"),
+    "finetune": ("classes", "fine-tune a pretrained trunk on labeled classes (ImageFolder or cls shards)"),
+}
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="pretrain a ResNeXt on hashtags (the demo corpus without --data)")
-    p.add_argument("--config", help="a TOML file of [data], [model], [optim], [checkpoint], [run] fields; flags win")
-    p.add_argument("--recipe", choices=list(RECIPES), help="a named set of defaults (default: demo without --data)")
-    for section, cls in SECTIONS.items():
-        group = p.add_argument_group(section)
-        hints = typing.get_type_hints(cls)
-        for item in dataclasses.fields(cls):
-            _add_field(group, section, item.name, hints[item.name])
-    p.set_defaults(func=run_train)
+    for command, (task, help_text) in COMMANDS.items():
+        p = subparsers.add_parser(command, help=help_text)
+        p.add_argument("--config", help="a TOML file of [data], [model], [optim], [checkpoint], [run] fields; flags win")
+        p.add_argument("--recipe", choices=list(RECIPES),
+                       help=f"a named set of defaults (default: {DEFAULT_RECIPE[task]}" +
+                       (" without --data)" if task == "hashtags" else ")"))
+        for section, cls in SECTIONS.items():
+            group = p.add_argument_group(section)
+            hints = typing.get_type_hints(cls)
+            for item in dataclasses.fields(cls):
+                _add_field(group, section, item.name, hints[item.name])
+        p.set_defaults(func=run_train, task=task)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from fastpretrain.train.trainer import train
 
-    result = train(resolve(vars(args)))
+    result = train(resolve(vars(args), args.task))
     if result.get("event") == "eval":
-        print(f"precision@1 {result['precision@1']:.3f}  precision@5 {result['precision@5']:.3f}  "
-              f"(always the most frequent class: precision@1 {result['majority_precision@1']:.3f})")
+        print(" ".join(f"{name} {value:.3f}" for name, value in result.items()
+                       if name not in ("event", "step", "epoch", "images")) + f" ({result['images']} held-out images)")
     return 0

@@ -42,12 +42,14 @@ class DataSection:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     hw_decoder_load: float = 0.65  # the share of JPEGs DALI gives the GPU's hardware decoder
+    num_classes: int | None = None  # fine-tuning on shards with a cls member (an ImageFolder's folders say it)
     demo_images: int = 6000
 
 
 @dataclass
 class ModelSection:
     arch: str = "resnext101_32x8d"
+    init: str | None = None  # weights to start from: ours, torchvision's or timm's (the head is fresh)
     loss_backend: str = "auto"
     compile: bool = False  # torch.compile of the model (the loss stays eager: it writes into its input)
     sync_bn: bool = False  # BatchNorm statistics over the whole world instead of each device's batch
@@ -67,6 +69,8 @@ class OptimSection:
     lr_halvings: int = 13
     warmup_epochs: float = 0.1
     max_nonfinite_steps: int = 10  # this many non-finite steps in a row stop the run
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) (0: off): images and their targets mixed with a flip
+    ema_decay: float = 0.0  # weight EMA (0: off); evaluation then uses the averaged weights
     grad_compression: str = "none"  # none | bf16: DDP's bf16 compression hook on gradient all-reduces
 
 
@@ -86,6 +90,7 @@ class RunSection:
     deterministic: bool = False
     cuda_graphs: bool = False
     log_interval: int = 100
+    eval_epochs: float = 0.0  # evaluate the held-out split every this many epochs (0: only at the end)
     tensorboard: bool = False
     dist_timeout: float = 1800.0  # seconds a collective may wait for a peer before the job fails
 
@@ -103,7 +108,22 @@ RECIPES: dict[str, dict[str, dict]] = {
     "wsl2018": {"model": {"arch": "resnext101_32x8d"},
                 "optim": {"batch_size": 24, "nesterov": True, "sched": "step", "lr_halvings": 13,
                           "warmup_epochs": 0.05}},
+    # Fine-tuning (see the README for where each number comes from). Every one: classes as they come (no
+    # resampling), evaluated each epoch.
+    "finetune-demo": {"data": {"image_size": 64, "workers": 2, "resample": "natural"},
+                      "optim": {"batch_size": 32, "epochs": 3.0, "lr": 0.05, "warmup_epochs": 0.3},
+                      "checkpoint": {"interval": 0}, "run": {"log_interval": 10, "eval_epochs": 1.0}},
+    "finetune-wsl2018": {"data": {"resample": "natural"},
+                         "optim": {"batch_size": 32, "epochs": 30.0, "lr": None, "nesterov": True,
+                                   "warmup_epochs": 1.0},
+                         "run": {"eval_epochs": 1.0}},
+    "finetune-swag": {"data": {"resample": "natural", "image_size": 384},
+                      "optim": {"batch_size": 32, "epochs": 10.0, "nesterov": True, "warmup_epochs": 0.5,
+                                "mixup": 0.1, "ema_decay": 0.9999, "weight_decay": 0.0},
+                      "run": {"eval_epochs": 1.0}},
 }
+# The recipe a command takes when none is named: the demo (without data) for train, the paper's for finetune.
+DEFAULT_RECIPE = {"hashtags": "demo", "classes": "finetune-wsl2018"}
 
 CHOICES = {
     ("data", "backend"): ("auto", "dali", "torch"),
@@ -117,7 +137,7 @@ CHOICES = {
 FLAG_NAMES = {("data", "data"): "--data", ("data", "label_dir"): "--labels", ("data", "val_label_dir"): "--val-labels",
               ("data", "backend"): "--data-backend", ("data", "workers"): "--workers",
               ("data", "image_size"): "--img-size", ("data", "crop_scale"): "--scale", ("data", "crop_ratio"): "--ratio",
-              ("model", "arch"): "--model",
+              ("model", "arch"): "--model", ("model", "init"): "--init", ("run", "eval_epochs"): "--eval-epochs",
               ("checkpoint", "interval"): "--checkpoint-interval", ("checkpoint", "keep"): "--checkpoint-keep",
               ("checkpoint", "resume"): "--resume"}
 
@@ -133,6 +153,7 @@ def dest_of(section: str, name: str) -> str:
 
 @dataclass
 class TrainConfig:
+    task: str = "hashtags"  # hashtags (`train`) or classes (`finetune`): set by the command
     recipe: str | None = None
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -196,14 +217,14 @@ def flags_layer(flags: dict) -> dict[str, dict]:
     return layer
 
 
-def resolve(flags: dict) -> TrainConfig:
+def resolve(flags: dict, task: str = "hashtags") -> TrainConfig:
     """Defaults < recipe < ``--config`` file < flags, checked (UserError naming the key)."""
     file_layer = read_toml(flags["config"]) if flags.get("config") else {}
     flag_layer = flags_layer(flags)
     recipe = flag_layer.get("recipe", file_layer.get("recipe"))
     has_data = ("data" in flag_layer.get("data", {})) or ("data" in file_layer.get("data", {}))
-    if recipe is None and not has_data:
-        recipe = "demo"
+    if recipe is None and (task == "classes" or not has_data):
+        recipe = DEFAULT_RECIPE[task]
     if recipe is not None and recipe not in RECIPES:
         raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     merged: dict[str, dict] = {section: {} for section in SECTIONS}
@@ -211,7 +232,7 @@ def resolve(flags: dict) -> TrainConfig:
         for section in SECTIONS:
             merged[section].update(layer.get(section, {}))
     sections = {name: build_section(name, values) for name, values in merged.items()}
-    config = TrainConfig(recipe=recipe, **sections)
+    config = TrainConfig(task=task, recipe=recipe, **sections)
     validate(config)
     return config
 
@@ -274,11 +295,12 @@ def validate(config: TrainConfig) -> None:
         ("data", "decode_limit_pixels", 1, 2**40), ("data", "prefetch_batches", 1, 1024),
         ("data", "demo_images", 1, 10**7),
         ("optim", "accum_steps", 1, 2**20), ("optim", "lr_halvings", 0, 60), ("optim", "max_nonfinite_steps", 1, 2**31),
+        ("data", "num_classes", 1, 10**7),
         ("checkpoint", "interval", 0, 2**62), ("checkpoint", "keep", 1, 10**6),
         ("run", "seed", 0, MAX_SEED), ("run", "log_interval", 1, 2**62),
     ):
         value = getattr(getattr(config, section), name)
-        if not low <= value <= high:
+        if value is not None and not low <= value <= high:
             _fail(section, name, f"must lie in [{low}, {high}]", value)
     if o.batch_size < 2:  # train-mode BatchNorm divides by the batch's variance: one image has none
         _fail("optim", "batch_size", "must be at least 2 (BatchNorm needs two images per device to normalize)",
@@ -296,6 +318,14 @@ def validate(config: TrainConfig) -> None:
         _fail("optim", "nesterov", "needs a momentum above 0", o.nesterov)
     if d.resample_t is not None and d.resample_t <= 0:
         _fail("data", "resample_t", "must be positive", d.resample_t)
+    if o.mixup < 0:
+        _fail("optim", "mixup", "must not be negative", o.mixup)
+    if not 0 <= o.ema_decay < 1:
+        _fail("optim", "ema_decay", "must lie in [0, 1)", o.ema_decay)
+    if r.eval_epochs < 0:
+        _fail("run", "eval_epochs", "must not be negative", r.eval_epochs)
+    if m.init is not None and not Path(m.init).is_file():
+        raise UserError(f"--init: no weights file at {m.init}")
     if not 0 <= d.max_bad_fraction <= 1:
         _fail("data", "max_bad_fraction", "must lie in [0, 1]", d.max_bad_fraction)
     if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
@@ -314,7 +344,7 @@ def validate(config: TrainConfig) -> None:
 
     if m.arch not in list_models():  # checked before any data is built, so a typo fails at once
         _fail("model", "arch", f"must be a registered arch ({', '.join(list_models())})", m.arch)
-    if d.data is not None and d.vocab is None:
+    if config.task == "hashtags" and d.data is not None and d.vocab is None:
         raise UserError("--data needs --vocab (build one with `fastpretrain vocab build`)")
     if d.val_data is not None and d.data is None:
         raise UserError("--val-data needs --data (the demo corpus brings its own held-out split)")

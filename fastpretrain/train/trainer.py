@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +27,17 @@ from fastpretrain.data import DataConfig, build_eval_loader, build_train_loader
 from fastpretrain.data.decoders import resolve_data_backend
 from fastpretrain.data.loader import merge_states
 from fastpretrain.errors import UserError
-from fastpretrain.evaluate import evaluation_sums, mean_metrics
+from fastpretrain.evaluate import mean_metrics
 from fastpretrain.formats.checkpoint import CheckpointManager, find_latest, load_file
-from fastpretrain.formats.vocab import Vocab
 from fastpretrain.log import setup_logging
-from fastpretrain.loss import HashtagCrossEntropy, resolve_loss_backend
+from fastpretrain.loss import HashtagCrossEntropy, label_rows, resolve_loss_backend
 from fastpretrain.models import count_parameters, create_model
 from fastpretrain.train.config import TrainConfig
 from fastpretrain.train.metrics import MetricsLog, Meter, peak_memory_mb
 from fastpretrain.train.optim import Schedule, build_optimizer, scaled_lr, set_lr
 from fastpretrain.train.precision import choose_precision
 from fastpretrain.train.stop import StopOnSignal, Stopped
+from fastpretrain.train.tasks import Split, make_task
 from fastpretrain.train.world import World, init_world
 
 logger = logging.getLogger(__name__)
@@ -46,35 +45,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # the run folder's subfolder of step-numbered checkpoints
 
 
-@dataclass(frozen=True)
-class Datasets:
-    """Where a run's data lives: training shards with their label index, and an optional held-out split."""
-
-    train: str
-    label_dir: str
-    vocab: str
-    val: str | None
-    val_label_dir: str | None
-
-    @classmethod
-    def resolve(cls, cfg: TrainConfig, world: World) -> Datasets:
-        if cfg.data.data is None:
-            from fastpretrain.demo import prepare_demo
-
-            def demo():
-                return prepare_demo(cfg.data.demo_images, seed=cfg.run.seed, workers=max(cfg.data.workers, 1))
-
-            paths = demo() if world.is_main else None
-            world.gather(None)  # the others wait for rank 0's corpus, then find it
-            paths = paths or demo()
-            return cls(str(paths.train), str(paths.label_dir), str(paths.vocab), str(paths.val),
-                       str(paths.val_label_dir))
-        return cls(cfg.data.data, cfg.default_label_dir, cfg.data.vocab, cfg.data.val_data, cfg.default_val_label_dir)
-
-
-def data_config(cfg: TrainConfig, shards: str, label_dir: str) -> DataConfig:
+def data_config(cfg: TrainConfig, split: Split) -> DataConfig:
     d = cfg.data
-    return DataConfig(shards=shards, label_dir=label_dir, backend=d.backend, batch_size=cfg.optim.batch_size,
+    return DataConfig(shards=split.shards, label_dir=split.label_dir, backend=d.backend, batch_size=cfg.optim.batch_size,
                       image_size=d.image_size, workers=d.workers, seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer,
                       resample=d.resample, resample_t=d.resample_t, max_bad_fraction=d.max_bad_fraction,
                       decode_limit_pixels=d.decode_limit_pixels, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio,
@@ -128,6 +101,26 @@ class RunLock:
 
     def release(self) -> None:
         self._file.close()
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor, lam: float) -> tuple:
+    """Mixup with the batch's reverse: image i becomes lam x_i + (1 - lam) x_(B-1-i), its target lam t_i +
+    (1 - lam) t_(B-1-i), as label weights of the fused loss (each row holds both images' labels, weighted lam / k_i and
+    (1 - lam) / k_j: a hashtag row's k labels share its part). ``images`` (B, 3, H, W), CSR ``labels`` (nnz,) and
+    ``offsets`` (B + 1,) -> mixed images, labels (2 nnz,), offsets (B + 1,), weights (2 nnz,). No host sync."""
+    mixed_images = torch.lerp(images.flip(0), images, lam)  # (B, 3, H, W), channels-last kept
+    counts = offsets[1:] - offsets[:-1]  # (B,)
+    partner_counts = counts.flip(0)
+    mixed_offsets = torch.zeros_like(offsets)
+    torch.cumsum(counts + partner_counts, 0, out=mixed_offsets[1:])
+    total = 2 * labels.numel()
+    rows = label_rows(mixed_offsets, total)  # (2 nnz,) the row of each mixed label
+    within = torch.arange(total, device=offsets.device) - mixed_offsets[rows]  # its place in the row
+    own = within < counts[rows]  # the image's own labels first, then its partner's
+    partner = counts.numel() - 1 - rows
+    source = torch.where(own, offsets[rows] + within, offsets[partner] + within - counts[rows])
+    weights = torch.where(own, lam / counts[rows].clamp_min(1), (1 - lam) / partner_counts[rows].clamp_min(1))
+    return mixed_images, labels[source], mixed_offsets, weights.float()
 
 
 class StatisticsGuard:
@@ -208,23 +201,28 @@ class Trainer:
         seed_everything(cfg.run.seed)
         configure_backends(cfg, self.device)
         self.precision = choose_precision(self.device, cfg.run.amp)
-        self.datasets = Datasets.resolve(cfg, world)
-        self.vocab = Vocab.load(self.datasets.vocab)
+        self.task = make_task(cfg, world)
+        self.vocab = self.task.vocab
         accum = cfg.optim.accum_steps
         self.num_slots = world.world_size * accum
         self.global_batch = cfg.optim.batch_size * self.num_slots
         slots = list(range(world.rank * accum, (world.rank + 1) * accum))
         self.data_backend = resolve_data_backend(cfg.data.backend)
-        self.loader = build_train_loader(data_config(cfg, self.datasets.train, self.datasets.label_dir), self.vocab,
-                                         self.device, self.precision.dtype, slots, self.num_slots)
+        self.loader = build_train_loader(data_config(cfg, self.task.train), self.vocab, self.device,
+                                         self.precision.dtype, slots, self.num_slots)
         # Built now, so that a held-out split without its label index fails before the first step, not after the last.
         self.val_loader = None
-        if self.datasets.val is not None:
-            val_cfg = data_config(cfg, self.datasets.val, self.datasets.val_label_dir)
-            self.val_loader = build_eval_loader(val_cfg, self.vocab, self.device, self.precision.dtype, world.rank,
-                                                world.world_size)
+        if self.task.val is not None:
+            self.val_loader = build_eval_loader(data_config(cfg, self.task.val), self.vocab, self.device,
+                                                self.precision.dtype, world.rank, world.world_size)
         self.model = self._build_model()
         self.graphed: GraphedStep | None = None
+        self.ema = None
+        if cfg.optim.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay),
+                                     use_buffers=True)
         self.loss_fn = self._build_loss()
         self.optimizer = build_optimizer(unwrap(self.model), 1.0, cfg.optim.momentum, cfg.optim.weight_decay,
                                          cfg.optim.nesterov, self.device)
@@ -234,6 +232,7 @@ class Trainer:
         self.schedule = Schedule(peak, self.total_steps, min(round(cfg.optim.warmup_epochs * per_epoch),
                                                             self.total_steps // 2),
                                  cfg.optim.sched, cfg.optim.lr_halvings)
+        self.eval_every = round(cfg.run.eval_epochs * per_epoch) if self.val_loader is not None else 0
         self.step = 0
         self.nonfinite_steps = 0  # skipped steps in all
         self._nonfinite_run = 0  # in a row, up to the last one counted
@@ -253,6 +252,11 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         cfg = self.cfg
         model = create_model(cfg.model.arch, len(self.vocab))
+        if cfg.model.init is not None:
+            from fastpretrain.transfer.weights import load_trunk, read_weights
+
+            load_trunk(model, read_weights(cfg.model.init))  # a fresh head: its classes are this task's
+            logger.info("initialized the trunk from %s", cfg.model.init)
         if cfg.model.sync_bn:
             if self.device.type != "cuda":
                 raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
@@ -314,6 +318,7 @@ class Trainer:
                 "epoch": self.loader.epoch, "step": self.step, "data": data, "args": self.cfg.to_dict(),
                 "vocab_hash": self.vocab.content_hash, "classes": self.vocab.wnids,
                 "nonfinite_steps": self.nonfinite_steps, "world_size": self.world.world_size,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
 
@@ -329,6 +334,8 @@ class Trainer:
             unwrap(self.model).load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.loader.load_state_dict(state["data"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
             self.step = int(state["step"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -385,21 +392,33 @@ class Trainer:
                 self.graphed = self.graphed or GraphedStep(self, batch)
                 loss_sum += self.graphed.replay(batch)
                 continue
+            images, labels, offsets, weights = self._mixed(batch, i)
             with self._no_sync(i < micro - 1):
-                loss_sum += self.forward_backward(batch.images, batch.labels, batch.offsets, 1 / micro)
+                loss_sum += self.forward_backward(images, labels, offsets, 1 / micro, weights)
         skipped = self._optimizer_step()
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(self.model))
         # The graph's gradients are static tensors: zeroed, not freed.
         self.optimizer.zero_grad(set_to_none=not self.cfg.run.cuda_graphs)
         return loss_sum / micro, skipped
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor,
-                         scale: float) -> torch.Tensor:
+                         scale: float, weights: torch.Tensor | None = None) -> torch.Tensor:
         """One micro-batch's forward, loss and backward (its gradient scaled by ``scale``); the loss, detached."""
         with self.precision.autocast():
             logits = self.model(images)  # (B, C)
-        loss = self.loss_fn(logits, labels, offsets)  # float32 whatever the logits' dtype
+        loss = self.loss_fn(logits, labels, offsets, weights)  # float32 whatever the logits' dtype
         (loss * scale if scale != 1 else loss).backward()
         return loss.detach()
+
+    def _mixed(self, batch, micro: int) -> tuple:
+        """(images, labels, offsets, weights) of the micro-batch, mixed up when ``--mixup`` is on (``mix_batch``), with
+        lam ~ Beta(alpha, alpha) drawn from (seed, step, micro-batch): a resumed run mixes as the uninterrupted one."""
+        alpha = self.cfg.optim.mixup
+        if alpha == 0:
+            return batch.images, batch.labels, batch.offsets, None
+        rng = np.random.default_rng([self.cfg.run.seed, self.step, micro, 0x6D6978])  # "mix"
+        return mix_batch(batch.images, batch.labels, batch.offsets, float(rng.beta(alpha, alpha)))
 
     def _optimizer_step(self) -> torch.Tensor:
         """The update, unless a gradient is not finite (after the all-reduce, so every rank agrees): then the step is
@@ -434,7 +453,7 @@ class Trainer:
         """Run to ``total_steps``; return the final evaluation (or the last training record without held-out data)."""
         cfg, world = self.cfg, self.world
         logger.info(f"training {cfg.model.arch} ({count_parameters(unwrap(self.model)) / 1e6:.2f}M parameters) on "
-                    f"{len(self.vocab)} hashtag classes: {self.total_steps} steps of {self.global_batch} images "
+                    f"{len(self.vocab)} {'hashtag ' if self.task.kind == 'hashtags' else ''}classes: {self.total_steps} steps of {self.global_batch} images "
                     f"({cfg.optim.batch_size} x {world.world_size} processes x {cfg.optim.accum_steps} accumulation "
                     f"steps), {self.loader.samples_per_epoch:.0f} images per epoch after {cfg.data.resample} "
                     f"resampling, {self.device}, {self.precision.dtype}, {self.data_backend} data backend")
@@ -464,6 +483,9 @@ class Trainer:
                 if log_now:
                     record = self._log(losses, meter)
                     losses = []
+                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
+                    self.metrics.write({"event": "eval", "step": self.step, "epoch": self.loader.epoch,
+                                        **self.evaluate()})
                 stopping = world.agree(stop.requested is not None) if world.distributed else stop.requested
                 if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or stopping:
                     self.save_checkpoint(stop)
@@ -473,7 +495,7 @@ class Trainer:
             self.save_checkpoint(stop)
             self._finish_saves()
         if self.val_loader is not None:
-            record = {"event": "eval", "step": self.step, **self.evaluate()}
+            record = {"event": "eval", "step": self.step, "epoch": self.loader.epoch, **self.evaluate()}
             self.metrics.write(record)
         return record
 
@@ -509,9 +531,10 @@ class Trainer:
             self.checkpoints.wait()
 
     def evaluate(self) -> dict:
-        """precision@1/@5 on the held-out split (each process its share, summed), with the majority baseline."""
-        sums = evaluation_sums(self.model, self.val_loader, majority_class=int(np.argmax(self.vocab.counts)),
-                               autocast=self.precision.autocast())
+        """The task's metrics on the held-out split (each process its share, summed), of the averaged weights when
+        there is an EMA. The bare module: DDP's forward would broadcast buffers, and ranks' shares differ in length."""
+        model = self.ema.module if self.ema is not None else unwrap(self.model)
+        sums = self.task.evaluation_sums(model, self.val_loader, self.precision.autocast())
         totals = self.world.sum([sums[k] for k in sorted(sums)])
         return mean_metrics(dict(zip(sorted(sums), totals)))
 
