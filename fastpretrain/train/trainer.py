@@ -207,7 +207,7 @@ class Trainer:
         self.num_slots = world.world_size * accum
         self.global_batch = cfg.optim.batch_size * self.num_slots
         slots = list(range(world.rank * accum, (world.rank + 1) * accum))
-        self.data_backend = resolve_data_backend(cfg.data.backend)
+        self.data_backend = resolve_data_backend(cfg.data.backend, self.device)
         self.loader = build_train_loader(data_config(cfg, self.task.train), self.vocab, self.device,
                                          self.precision.dtype, slots, self.num_slots)
         # Built now, so that a held-out split without its label index fails before the first step, not after the last.
