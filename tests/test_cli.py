@@ -38,7 +38,7 @@ def flags(*argv: str) -> dict:
 
 def test_commands_and_train_flags_are_frozen():
     commands = subcommands(build_parser())
-    assert set(commands) == {"train", "finetune", "synth", "data", "vocab", "report"}
+    assert set(commands) == {"train", "finetune", "synth", "data", "vocab", "report", "export"}
     assert set(subcommands(commands["vocab"])) == {"build", "label"}
     assert set(subcommands(commands["data"])) == {"index"}
     for command in ("train", "finetune"):  # one config, two tasks

@@ -14,6 +14,7 @@ FORBIDDEN = {
     "formats": ("hashtags", "data", "train", "models", "loss", "evaluate", "demo", "cli", "transfer"),
     "hashtags": ("data", "train", "models", "loss", "evaluate", "demo", "cli", "transfer"),
     "data": ("train", "models", "loss", "evaluate", "demo", "cli", "transfer"),
+    "train": ("cli", "transfer"),
 }
 
 

@@ -253,7 +253,7 @@ class Trainer:
         cfg = self.cfg
         model = create_model(cfg.model.arch, len(self.vocab))
         if cfg.model.init is not None:
-            from fastpretrain.transfer.weights import load_trunk, read_weights
+            from fastpretrain.weights import load_trunk, read_weights
 
             load_trunk(model, read_weights(cfg.model.init))  # a fresh head: its classes are this task's
             logger.info("initialized the trunk from %s", cfg.model.init)
