@@ -137,15 +137,15 @@ def test_kernels_compile_for_hopper():
         target = GPUTarget("cuda", 90, 32)
         pointers = {"logits_ptr": "*{dt}", "grad_ptr": "*{dt}", "loss_ptr": "*fp32", "labels_ptr": "*{ix}",
                     "offsets_ptr": "*{ix}", "weights_ptr": "*fp32", "scale_ptr": "*fp32"}
-        scalars = {"logits_row_stride": "i64", "grad_row_stride": "i64", "n_cols": "i32"}
-        flags = ("HAS_WEIGHTS", "WRITE_GRAD", "SINGLE_BLOCK", "BLOCK")
-        variants = [("fp32", "i64", True, True, True, 32768), ("bf16", "i32", False, True, False, k.STREAM_BLOCK),
-                    ("fp16", "i64", False, False, True, 1024), ("fp32", "i32", True, False, False, k.STREAM_BLOCK)]
-        for dt, ix, weighted, write_grad, single, block in variants:
+        scalars = {"logits_row_units": "i64", "grad_row_units": "i64", "n_col_units": "i32"}
+        flags = ("HAS_WEIGHTS", "WRITE_GRAD", "SINGLE_BLOCK", "BLOCK", "ALIGN")
+        variants = [("fp32", "i64", True, True, True, 32768, 8), ("bf16", "i32", False, True, False, k.STREAM_BLOCK, 4),
+                    ("fp16", "i64", False, False, True, 1024, 1), ("fp32", "i32", True, False, False, k.STREAM_BLOCK, 16)]
+        for dt, ix, weighted, write_grad, single, block, align in variants:
             signature = {name: kind.format(dt=dt, ix=ix) for name, kind in pointers.items()}
             signature.update(scalars)
             signature.update({flag: "constexpr" for flag in flags})
-            constants = dict(zip(flags, (weighted, write_grad, single, block)))
+            constants = dict(zip(flags, (weighted, write_grad, single, block, align)))
             source = triton.compiler.ASTSource(fn=k._hashtag_xent_fwd_kernel, signature=signature, constexprs=constants)
             triton.compile(source, target=target, options={"num_warps": k._num_warps(block)})
         for dt in ("fp32", "bf16"):
@@ -160,6 +160,45 @@ def test_kernels_compile_for_hopper():
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_strides_in_aligned_units_give_vector_loads_at_17000_classes():
+    """17,000 is not a multiple of 16, so Triton never specializes C or the row stride as aligned: passed as is, every
+    bf16 logit is its own 2-byte load (ld.global.b16). Passed in units of ALIGN = 8 (what ``alignment`` finds for
+    17,000), rows are known 16-byte aligned and the masked tail constant over 8 lanes: 128-bit loads and stores
+    (ld.global.v4.b32). Compiled for sm_90 in a subprocess (no GPU needed), the PTX counted."""
+    script = textwrap.dedent(
+        """
+        import re
+        from collections import Counter
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from fastpretrain.kernels import hashtag_xent as k
+
+        names = list(k._hashtag_xent_fwd_kernel.arg_names)
+        signature = {"logits_ptr": "*bf16", "logits_row_units": "i64", "grad_ptr": "*bf16", "grad_row_units": "i64",
+                     "loss_ptr": "*fp32", "labels_ptr": "*i64", "offsets_ptr": "*i64", "weights_ptr": "*fp32",
+                     "scale_ptr": "*fp32", "n_col_units": "i32", "HAS_WEIGHTS": "constexpr", "WRITE_GRAD": "constexpr",
+                     "SINGLE_BLOCK": "constexpr", "BLOCK": "constexpr", "ALIGN": "constexpr"}
+        # What the launcher's specialization says of tensors torch allocated: pointers 16-byte aligned.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name.endswith("_ptr")}
+        for align in (1, k.alignment(17000, 17000, 17000)):
+            constants = {"HAS_WEIGHTS": False, "WRITE_GRAD": True, "SINGLE_BLOCK": True, "BLOCK": 32768, "ALIGN": align}
+            source = triton.compiler.ASTSource(fn=k._hashtag_xent_fwd_kernel, signature=signature, constexprs=constants,
+                                               attrs=attrs)
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 32}).asm["ptx"]
+            counts = Counter(re.findall(r"(?:ld|st)\.global[.a-z0-9]*", ptx))
+            print(align, counts["ld.global.b16"], counts["ld.global.v4.b32"], counts["st.global.b16"],
+                  counts["st.global.v4.b32"])
+        """
+    )
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (plain, aligned) = [list(map(int, line.split())) for line in result.stdout.split("\n") if line.strip()]
+    assert plain[0] == 1 and aligned[0] == 8
+    assert plain[1] > 16 and plain[2] == 0 and plain[3] > 16 and plain[4] == 0  # one 2-byte access per element
+    assert aligned[2] > 0 and aligned[4] > 0 and aligned[3] == 0  # 16-byte vectors, no 2-byte stores
 
 
 @on_cuda
@@ -184,3 +223,9 @@ def test_value_checks_on_cuda_when_asked(monkeypatch):
     monkeypatch.setenv("FASTPRETRAIN_VALIDATE_LOSS", "1")
     with pytest.raises(ValueError, match=r"labels\[1\] = 7"):
         hashtag_cross_entropy(logits, labels, offsets)
+
+
+@pytest.mark.parametrize("extents, expected", [((17000, 17000, 17000), 8), ((17000, 17000, 0), 8), ((17001, 17001, 0), 1),
+                                               ((32768, 32768, 32768), 16), ((1000, 1024, 1000), 8), ((6, 6, 0), 2)])
+def test_alignment_is_the_largest_power_of_two_dividing_every_extent(kernels, extents, expected):
+    assert kernels.alignment(*extents) == expected
