@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import ctypes
+import gzip
+import io
+import lzma
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +21,7 @@ import numpy as np
 import pytest
 
 from fastpretrain.cli import main as cli_main
+from fastpretrain.formats import shards
 from fastpretrain.formats.shards import (
     MemberReader,
     ShardWriter,
@@ -26,7 +34,7 @@ from fastpretrain.formats.shards import (
     scan_shard,
     write_index,
 )
-from fastpretrain.errors import UserError
+from fastpretrain.errors import DataError, UserError
 
 
 
@@ -169,7 +177,7 @@ def test_list_shards_folder_glob_braces_and_lists(tmp_path):
     assert expand_braces("{098..100}") == ["098", "099", "100"]
     with pytest.raises(UserError, match="missing"):
         list_shards(str(tmp_path / "{00000..00003}.tar"))
-    with pytest.raises(UserError, match="nothing matches"):
+    with pytest.raises(UserError, match=r"nothing matches \(folders and globs take files named \*\.tar\)"):
         list_shards(str(tmp_path / "*.tgz"))
     with pytest.raises(UserError, match="no such"):
         list_shards(str(tmp_path / "nope"))
@@ -215,3 +223,196 @@ def test_cli_data_index_writes_indexes_and_fails_on_unreadable(tmp_path, rng, ca
     assert cli_main(["data", "index", str(tmp_path / "{00000..00002}.tar")]) == 1
     assert "00002.tar" in capsys.readouterr().err
     assert cli_main(["data", "index", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_folders_and_globs_list_only_tar_files_and_existing_paths_are_taken_as_they_are(tmp_path):
+    """A folder of shards after `data index` also holds their .idx files: neither the folder nor `shards/*` lists
+    them. A path that exists is that file, even when its name holds the pattern characters [ ] { }."""
+    for name in ["00000.tar", "00001.TAR", "00000.idx", "00001.idx", "notes.txt", "x[1]{a,b}.tar"]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.tar").mkdir()  # a folder named like a shard is none
+    tars = [tmp_path / name for name in ["00000.tar", "00001.TAR", "x[1]{a,b}.tar"]]
+    assert list_shards(tmp_path) == tars
+    assert list_shards(str(tmp_path / "*")) == tars
+    assert list_shards(str(tmp_path / "x[1]{a,b}.tar")) == [tmp_path / "x[1]{a,b}.tar"]
+    assert list_shards(str(tmp_path / "00000.idx")) == [tmp_path / "00000.idx"]  # named: taken as given
+    assert list_shards(str(tmp_path / "*"), patterns=("*.idx", "*.txt")) == [
+        tmp_path / name for name in ["00000.idx", "00001.idx", "notes.txt"]]
+
+
+def test_brace_patterns_naming_too_many_paths_are_refused_before_they_are_made(tmp_path, monkeypatch):
+    """A hundred million names would take minutes and gigabytes to make: refused at once by counting. The counts
+    are by hand: ranges and lists multiply; a nested group is expanded as written ({a,{b,c}} makes a, b, a, c)."""
+    with pytest.raises(UserError, match=r"names more than 1,000,000 paths"):
+        list_shards(str(tmp_path / "{00000000..99999999}.tar"))
+    with pytest.raises(UserError, match=r"names more than 1,000,000 paths"):
+        expand_braces("{0..9999}/{0..9999}/{a,b}")
+    monkeypatch.setattr(shards, "MAX_PATTERN_PATHS", 12)
+    for pattern, count in [("{0..11}", 12), ("{0..3}-{a,b,c}", 12), ("{a,{b,c}}{0..2}", 12), ("x{}y{0..11}", 12),
+                           ("{0..12}", 13), ("{1..2}{1..2}{1..3}x", 12), ("{0..3}{a,b,c,}", 16),
+                           ("{a,{b,{c,d}}}{1..3}", 24)]:
+        if count <= 12:
+            assert len(expand_braces(pattern)) == count, pattern
+        else:
+            with pytest.raises(UserError, match="names more than 12 paths"):
+                expand_braces(pattern)
+
+
+def test_member_reader_refuses_reads_past_the_shards_end_without_allocating_them(tmp_path, rng):
+    """An index naming a member of 2**40 bytes (damaged or hostile): an OSError (a read_error to the loaders),
+    not a MemoryError from pread allocating a terabyte; so are negative offsets and sizes."""
+    samples = random_samples(rng, 3)
+    write_shard(tmp_path / "s.tar", samples)
+    index = read_index(tmp_path / "s.idx")
+    size = (tmp_path / "s.tar").stat().st_size
+    reader = MemberReader([tmp_path / "s.tar"])
+    offset = index.members[1]["jpg"][0]
+    for bad_offset, bad_size in [(offset, 2**40), (size, 1), (offset, size), (-1, 1), (offset, -1)]:
+        with pytest.raises(OSError, match="run past its end"):
+            reader.read(0, bad_offset, bad_size)
+    assert reader.read(0, *index.members[1]["jpg"]) == samples["000001"]["jpg"]
+    assert reader.read(0, size, 0) == b""
+    reader.close()
+    # A negative number in an index file makes it no index: the shard is scanned instead.
+    text = (tmp_path / "s.idx").read_text().replace(f" {index.members[1]['json'][1]} ", " -5 ", 1)
+    (tmp_path / "s.idx").write_text(text)
+    with pytest.raises(ValueError, match="bad line"):
+        read_index(tmp_path / "s.idx")
+    assert list(load_index(tmp_path / "s.tar").keys) == list(samples)
+
+
+def test_a_fifo_in_place_of_the_index_is_not_waited_on(tmp_path, rng):
+    """Opening a fifo for reading waits for a writer, forever: load_index scans the shard instead."""
+    samples = random_samples(rng, 2)
+    write_shard(tmp_path / "s.tar", samples)
+    (tmp_path / "s.idx").unlink()
+    os.mkfifo(tmp_path / "s.idx")
+    found = []
+    worker = threading.Thread(target=lambda: found.append(load_index(tmp_path / "s.tar")), daemon=True)
+    worker.start()
+    worker.join(60)  # a hang detector, not a speed check: the scan takes milliseconds
+    assert found and list(found[0].keys) == list(samples)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@contextlib.contextmanager
+def modes_enforced():
+    """File modes as an ordinary user meets them: root reads any file (capabilities DAC_OVERRIDE and
+    DAC_READ_SEARCH), so they are dropped from this thread's effective set for the block, and given back after."""
+    if os.geteuid() != 0:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3, this thread
+    if libc.capget(ctypes.byref(header), data) != 0:
+        pytest.skip("capget failed: cannot make a file unreadable for root")
+    saved = data[0].effective
+    data[0].effective &= ~0b110  # bits 1 and 2: CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.capset(ctypes.byref(header), data) != 0:
+        pytest.skip("capset failed: cannot make a file unreadable for root")
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(header), data)
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_unopenable_and_compressed_shards_are_data_errors_saying_why(tmp_path, rng, with_index):
+    """A shard without read permission, and shards compressed whole (gzip, bzip2, xz): scan_shard and load_index
+    raise a DataError naming the shard and why, even with a fresh index beside it (which alone would not tell)."""
+    with ShardWriter(tmp_path / "plain.tar") as writer:
+        writer.write("k", {"jpg": rng.bytes(100), "json": b"{}"})
+    raw = (tmp_path / "plain.tar").read_bytes()
+    cases = {"gzip": gzip.compress(raw), "bzip2": bz2.compress(raw), "xz": lzma.compress(raw)}
+    for name, data in cases.items():
+        shard = tmp_path / f"{name}.tar"
+        shard.write_bytes(data)
+        if with_index:
+            shutil.copy(tmp_path / "plain.idx", index_path_for(shard))
+        message = rf"^shard {shard}: {name}-compressed: decompress it, random access needs a plain tar$"
+        for reader in (scan_shard, load_index):
+            with pytest.raises(DataError, match=message):
+                reader(shard)
+    locked = tmp_path / "locked.tar"
+    shutil.copy(tmp_path / "plain.tar", locked)
+    if with_index:
+        shutil.copy(tmp_path / "plain.idx", index_path_for(locked))
+    locked.chmod(0)
+    with modes_enforced():
+        for reader in (scan_shard, load_index):
+            with pytest.raises(DataError, match=rf"^shard {locked}: cannot read it \(permission denied\)$"):
+                reader(locked)
+    with pytest.raises(DataError, match=r"cannot read it \(no such file or directory\)"):
+        load_index(tmp_path / "gone.tar")
+
+
+def raw_shard(path: Path, members: list[tuple[str, bytes | None, bytes]]) -> None:
+    """A tar written member by member: (name, tar type or None for a file, data)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            if kind is None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type, info.linkname = kind, data.decode()
+                tar.addfile(info)
+
+
+def test_duplicate_keys_keep_the_first_sample_in_every_reader(tmp_path, rng):
+    """Two consecutive samples with one key used to merge (the second's bytes replacing the first's): a member
+    whose extension the sample already has starts another sample, set aside as a duplicate, as is a key coming
+    back later. Scanning, the index file and iter_shard agree, and the index file keeps the duplicates' lines."""
+    first, second, third, other = (rng.bytes(int(rng.integers(1, 900))) for _ in range(4))
+    raw_shard(tmp_path / "d.tar", [("k.jpg", None, first), ("k.json", None, b"1"), ("k.jpg", None, second),
+                                   ("k.json", None, b"2"), ("m.jpg", None, other), ("k.jpg", None, third)])
+    scanned = scan_shard(tmp_path / "d.tar")
+    assert list(scanned.keys) == ["k", "m"] and [key for key, _ in scanned.duplicates] == ["k", "k"]
+    assert [sorted(members) for _, members in scanned.duplicates] == [["jpg", "json"], ["jpg"]]
+    write_index(tmp_path / "d.tar")
+    assert (tmp_path / "d.idx").read_text().splitlines()[0] == "v1.2 4"
+    from_file = read_index(tmp_path / "d.idx")
+    assert list(from_file.keys) == ["k", "m"] and from_file.members == scanned.members
+    assert from_file.duplicates == scanned.duplicates
+    assert list(iter_shard(tmp_path / "d.tar")) == [("k", {"jpg": first, "json": b"1"}), ("m", {"jpg": other})]
+
+
+def test_links_devices_fifos_and_names_leaving_the_shard_are_no_samples(tmp_path, rng):
+    """Only regular files with a relative name inside the shard are members of samples: symlinks, hardlinks,
+    devices, fifos and folders, absolute names, names with '..' and names without an extension are skipped."""
+    good = rng.bytes(300)
+    raw_shard(tmp_path / "odd.tar", [
+        ("a.jpg", None, good), ("a.json", None, b"{}"),
+        ("l.jpg", tarfile.SYMTYPE, b"/etc/passwd"), ("h.jpg", tarfile.LNKTYPE, b"a.jpg"),
+        ("c.jpg", tarfile.CHRTYPE, b""), ("b.jpg", tarfile.BLKTYPE, b""), ("f.jpg", tarfile.FIFOTYPE, b""),
+        ("d.jpg", tarfile.DIRTYPE, b""), ("/abs/x.jpg", None, rng.bytes(10)), ("../up.jpg", None, rng.bytes(10)),
+        ("in/../../up2.jpg", None, rng.bytes(10)), ("noext", None, rng.bytes(10)),
+        ("sub/z.jpg", None, good)])
+    index = scan_shard(tmp_path / "odd.tar")
+    assert list(index.keys) == ["a", "sub/z"] and not index.duplicates
+    assert list(iter_shard(tmp_path / "odd.tar")) == [("a", {"jpg": good, "json": b"{}"}), ("sub/z", {"jpg": good})]
+
+
+def test_member_reader_keeps_a_bounded_number_of_files_open(tmp_path, monkeypatch):
+    """A million one-sample files (an ImageFolder) must not mean a million open descriptors: the oldest are closed,
+    and a closed file is opened again when read again."""
+    monkeypatch.setattr(MemberReader, "MAX_OPEN", 3)
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * 10)
+    reader = MemberReader(paths)
+    for round_ in range(2):
+        for i in range(7):
+            assert reader.read(i, 2, 3) == bytes([i]) * 3
+            assert len(reader._fds) <= 3
+    assert sorted(reader._fds) == [4, 5, 6]
+    reader.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import zipfile
@@ -122,3 +123,29 @@ def test_saved_index_has_the_mode_a_plain_open_gives(tmp_path, umask):
     plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     assert plain == 0o666 & ~umask  # the premise
     assert stat.S_IMODE((tmp_path / "x.labels.npz").stat().st_mode) == plain
+
+
+def test_headers_claiming_more_than_the_file_holds_are_corrupt_not_a_memory_error(tmp_path):
+    """numpy allocates what an array's header claims before reading it: a label index claiming 2**40 offsets
+    (8 TiB) in a file of a few hundred bytes is a DataError, as is a compressed one, whose members could expand
+    without bound (np.savez, which writes them, stores them uncompressed)."""
+    good = tmp_path / "good.labels.npz"
+    LabelIndex.from_rows(["a", "b"], [[1], [2, 5]], "h").save(good)
+    huge = tmp_path / "huge.labels.npz"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(huge, "w") as target:
+        for info in source.infolist():
+            body = source.read(info)
+            if info.filename == "offsets.npy":
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False,
+                                                              "shape": (2**40,)})
+                body = header.getvalue() + body[len(header.getvalue()):]
+            target.writestr(info.filename, body)
+    with pytest.raises(DataError, match=r"huge.labels.npz is corrupt: offsets.npy claims 8796093022208 bytes"):
+        LabelIndex.load(huge)
+    packed = tmp_path / "packed.labels.npz"
+    np.savez_compressed(packed, keys=np.array(["a"]), offsets=np.array([0, 1], dtype=np.int64),
+                        labels=np.array([3], dtype=np.int32), vocab_hash=np.array("h"))
+    with pytest.raises(DataError, match="packed.labels.npz is corrupt: .* is compressed"):
+        LabelIndex.load(packed)
+    assert LabelIndex.load(good).labels.tolist() == [1, 2, 5]

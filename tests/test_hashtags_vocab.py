@@ -4,10 +4,15 @@ malformed-input gate, determinism across runs and worker counts, vocab.json load
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import random
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -334,3 +339,62 @@ def test_sqrt_epoch_length_matches_the_hand_computation(tmp_path, corpus, size):
     else:  # dog, car, ice cream: 5 kept images (q1 loses its class); p3 and q0 get ice cream's sqrt(3/2)
         by_hand = 3 + 2 * math.sqrt(1.5)
     assert summary.sqrt_epoch_length == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_vocab_load_refuses_deeply_nested_json_in_one_line(tmp_path):
+    """json's decoder recurses per nesting level: '[' * 100000 raised RecursionError, a traceback; now the
+    vocabulary is unreadable JSON, a UserError naming the file."""
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000)
+    with pytest.raises(UserError, match=r"^vocabulary .*nested.json is not readable JSON: .*recursion") as caught:
+        Vocab.load(nested)
+    assert "\n" not in str(caught.value)
+
+
+def test_unreadable_inputs_are_counted_as_files_not_posts(tmp_path, corpus, capsys):
+    """A gzip-compressed shard and a .jsonl.gz that is no gzip: no post is made up for them (the hand count of the
+    corpus is unchanged), vocab.json's stats count them under skipped_files, and the summary says which and why."""
+    from fastpretrain.cli import main
+
+    packed = tmp_path / "packed.tar"
+    packed.write_bytes(gzip.compress(Path(corpus[0]).read_bytes()))
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_text('{"key": "z", "tags": ["dog"]}\n')
+    out = tmp_path / "v" / "vocab.json"
+    assert main(["vocab", "build", "--data", *corpus, str(packed), str(fake), "--out", str(out),
+                 "--max-bad-fraction", "0.2"]) == 0
+    stats = Vocab.load(out).stats
+    assert stats["posts_seen"] == 9 and stats["posts_malformed"] == 1 and stats["inputs"] == 4
+    assert stats["skipped_files"] == {"unreadable": 2}
+    assert "truncated_file" not in stats["skipped_posts"]
+    printed = capsys.readouterr().out.splitlines()
+    files_line = [line for line in printed if line.startswith("files skipped: ")]
+    assert files_line == [f"files skipped: unreadable 2 (shard {packed}: gzip-compressed: decompress it, random "
+                          f"access needs a plain tar; {fake}: BadGzipFile: Not a gzipped file (b'{{\"'))"]
+
+
+def test_sigterm_mid_build_removes_the_temporary_folder_and_exits_143(tmp_path):
+    """SIGTERM's default action ends a process without running `finally`: a real `fastpretrain vocab build`,
+    sent SIGTERM while it works through many small inputs, exits 128 + 15 with one line on stderr and leaves no
+    .vocab-build-* folder (nor vocab.json) behind."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i in range(2000):
+        (inputs / f"{i:05d}.jsonl").write_text(json.dumps({"key": f"k{i}", "tags": ["dog", "car"]}) + "\n")
+    labels = tmp_path / "labels"
+    command = ["vocab", "build", "--data", str(inputs / "*.jsonl"), "--out", str(tmp_path / "vocab.json"),
+               "--labels", str(labels), "--workers", "1"]
+    build = subprocess.Popen([sys.executable, "-m", "fastpretrain", *command], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        # Mid-build: the temporary folder holds the rows of a few inputs, and most are still to be read.
+        while build.poll() is None and len(list(labels.glob(".vocab-build-*/*.npz"))) < 20:
+            time.sleep(0.01)
+        assert build.poll() is None, build.communicate()
+        build.send_signal(signal.SIGTERM)
+        stdout, stderr = build.communicate(timeout=120)
+    finally:
+        build.kill()
+    assert build.returncode == 143, stderr
+    assert stderr == "fastpretrain: error: vocab build stopped by SIGTERM before it finished; run it again\n"
+    assert list(labels.iterdir()) == [] and not (tmp_path / "vocab.json").exists()

@@ -6,6 +6,7 @@ One ``.labels.npz`` file per shard (or per metadata file), rows in the shard's s
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ class LabelIndex:
         if not path.is_file():
             raise DataError(f"label index {path} does not exist (run `fastpretrain vocab label` for its shard)")
         try:
+            problem = _stored_size_problem(path)
+            if problem:
+                raise ValueError(problem)
             with np.load(path, allow_pickle=False) as npz:
                 keys, offsets, labels = npz["keys"], npz["offsets"], npz["labels"]
                 vocab_hash = str(npz["vocab_hash"])
@@ -95,6 +99,29 @@ class LabelIndex:
         if problem:
             raise DataError(f"label index {path} is corrupt: {problem}")
         return cls(keys, offsets, labels, vocab_hash)
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _stored_size_problem(path: Path) -> str | None:
+    """Why the file's arrays could make ``np.load`` allocate more than the file holds, or None. Each must be stored
+    uncompressed, as ``np.savez`` writes them, and its header claim no more bytes than follow it: numpy allocates
+    what a header claims before reading (2**40 entries: a MemoryError)."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                return f"{info.filename} is compressed (label indexes are written uncompressed)"
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = _NPY_HEADER_READERS.get(version)
+                if read_header is None:
+                    return f"{info.filename}: .npy format version {version}"
+                shape, _, dtype = read_header(member)
+                claimed, held = math.prod(shape) * dtype.itemsize, info.file_size - member.tell()
+                if claimed > held:
+                    return f"{info.filename} claims {claimed} bytes of data and holds {held}"
+    return None
 
 
 def _dtype_problem(keys: np.ndarray, offsets: np.ndarray, labels: np.ndarray) -> str | None:

@@ -78,7 +78,7 @@ class Vocab:
             body = json.loads(path.read_text())
         except FileNotFoundError:
             raise UserError(f"vocabulary {path} does not exist (make one with `fastpretrain vocab build`)") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than the decoder's stack
             raise UserError(f"vocabulary {path} is not readable JSON: {e}") from None
         if not isinstance(body, dict) or body.get("format_version") != FORMAT_VERSION:
             found = body.get("format_version") if isinstance(body, dict) else None

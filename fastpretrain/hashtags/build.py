@@ -12,16 +12,21 @@ is ImageNet class ``i``, even with no image), so the hashtag head is an ImageNet
 
 Memory: the (S,) count array, the canonicalizer's bounded memo, and one input file's rows per worker at a time
 (a shard's are small; split a huge metadata file into parts, as each input gets its own label index).
+
+Both entry points work in a temporary folder inside the label folder, removed whatever happens: on SIGTERM too
+(its default action would end the process without running ``finally``), which ends them with ``Terminated``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
+import signal
 import tempfile
+import threading
 from array import array
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -119,7 +124,19 @@ class LabelSummary:
             out.append("posts skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(s.skipped_posts.items())))
         if s.skipped_tags:
             out.append("hashtags dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(s.skipped_tags.items())))
+        if s.skipped_files:
+            out.append(_skipped_files_line(s))
         return out
+
+
+def _skipped_files_line(stats: InputStats) -> str:
+    """``files skipped: unreadable 2 (why; why)``: each reason's count and its first files, each saying why."""
+    parts = []
+    for reason, count in stats.skipped_file_counts.items():
+        whys = [why for r, _, why in stats.skipped_files if r == reason]
+        more = f"; and {count - WORST_FILES_SHOWN} more" if count > WORST_FILES_SHOWN else ""
+        parts.append(f"{reason} {count} ({'; '.join(whys[:WORST_FILES_SHOWN])}{more})")
+    return "files skipped: " + ", ".join(parts)
 
 
 @dataclass
@@ -288,8 +305,9 @@ def _check_inputs(spec, label_dir: Path) -> list[Path]:
 
 def _check_bad_share(scanned: list[_Scanned], total: InputStats, max_bad_fraction: float) -> None:
     if total.posts == 0:
+        why = f"; {_skipped_files_line(total)}" if total.skipped_files else ""
         raise DataError(f"no posts in {', '.join(str(s.path) for s in scanned[:WORST_FILES_SHOWN])}"
-                        f"{' ...' if len(scanned) > WORST_FILES_SHOWN else ''}")
+                        f"{' ...' if len(scanned) > WORST_FILES_SHOWN else ''}{why}")
     share = total.malformed / total.posts
     if share > max_bad_fraction:
         worst = sorted(scanned, key=lambda s: (-s.stats.malformed, str(s.path)))[:WORST_FILES_SHOWN]
@@ -351,7 +369,42 @@ def _vocab_stats(total: InputStats, posts_kept: int, inputs: int) -> dict:
             "posts_dropped_no_kept_hashtag": total.posts - posts_kept, "posts_malformed": total.malformed,
             "raw_hashtags_seen": total.raw_hashtags, "inputs": inputs,
             "skipped_posts": dict(sorted(total.skipped_posts.items())),
-            "skipped_tags": dict(sorted(total.skipped_tags.items()))}
+            "skipped_tags": dict(sorted(total.skipped_tags.items())),
+            "skipped_files": total.skipped_file_counts}
+
+
+class Terminated(UserError):
+    """SIGTERM arrived while building or labeling; the temporary folder was removed. Exits like the shell's 128 +
+    signal number."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextmanager
+def _sigterm_raises(what: str) -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread while the block runs (its default action would end the process
+    without running ``finally``, leaving the temporary folder behind); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handle(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise Terminated(f"{what} stopped by SIGTERM before it finished; run it again")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _work_folder(label_dir: Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder in ``label_dir`` (the same file system, so staged files are renamed into place), removed
+    when the block ends, or at exit if a signal comes between its making and the block."""
+    with tempfile.TemporaryDirectory(dir=label_dir, prefix=prefix, ignore_cleanup_errors=True) as folder:
+        yield Path(folder)
 
 
 def build_vocab(config: VocabBuildConfig) -> VocabBuildSummary:
@@ -360,8 +413,7 @@ def build_vocab(config: VocabBuildConfig) -> VocabBuildSummary:
     paths = _check_inputs(config.data, label_dir)
     table = noun_table()  # derived and cached on disk once, before any worker process starts
     label_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=label_dir, prefix=".vocab-build-"))
-    try:
+    with _sigterm_raises("vocab build"), _work_folder(label_dir, ".vocab-build-") as work:
         rows_files = [work / f"{i:06d}.npz" for i in range(len(paths))]
         scanned, total, synset_counts = _gather(_scan_all(paths, rows_files, config.workers, config.sense),
                                                 len(table.offsets))
@@ -384,8 +436,6 @@ def build_vocab(config: VocabBuildConfig) -> VocabBuildSummary:
         for source, target in zip(staged, written):
             os.replace(source, target)
         vocab.save(config.out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     summary = LabelSummary(label_dir, written, total, posts_kept)
     return VocabBuildSummary(Path(config.out), vocab, summary, sqrt_epoch)
 
@@ -402,8 +452,7 @@ def write_label_indexes(inputs, vocab: Vocab, label_dir: str | os.PathLike, work
         raise UserError(f"the vocabulary was built with WordNet {vocab.wordnet_version}, "
                         f"this machine has {table.wordnet_version}")
     label_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=label_dir, prefix=".vocab-label-"))
-    try:
+    with _sigterm_raises("vocab label"), _work_folder(label_dir, ".vocab-label-") as work:
         staged = [work / label_index_path(label_dir, path).name for path in paths]
         scanned, total, _ = _gather(
             _scan_all(paths, staged, workers, vocab.sense, synset_classes(vocab, table), vocab.content_hash))
@@ -411,6 +460,4 @@ def write_label_indexes(inputs, vocab: Vocab, label_dir: str | os.PathLike, work
         written = [label_dir / s.name for s in staged]
         for source, target in zip(staged, written):
             os.replace(source, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return LabelSummary(label_dir, written, total, sum(s.posts_kept for s in scanned))

@@ -8,8 +8,9 @@ Formats, told apart by file name (an optional ``.gz``, ``.bz2`` or ``.xz`` after
   the 25-column release with a line number and hash first: photo id 2nd, user tags 11th), or two columns
   ``key<TAB>tags``. User tags are comma-separated and URL-encoded, ``+`` for a space.
 
-Hashtags are the tag list's entries plus the ``#words`` of the caption. Bad input never raises: it is counted
-by reason in :class:`InputStats` and the post is given no hashtags (or, with no key to name it, skipped).
+Hashtags are the tag list's entries plus the ``#words`` of the caption. Bad input never raises: a bad post is
+counted by reason in :class:`InputStats` and given no hashtags (or, with no key to name it, skipped); a file that
+cannot be read, or whose rest cannot (cut short), is counted as a file, by name, never as a post.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import gzip
 import json
 import lzma
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from pathlib import Path
 from urllib.parse import unquote_plus
 
 from fastpretrain.errors import DataError, UserError
-from fastpretrain.formats.shards import MemberReader, list_shards, load_index
+from fastpretrain.formats.shards import MemberReader, Members, list_shards, load_index
 from fastpretrain.hashtags.canonical import MAX_TAG_CHARS
 
 # Post-level reasons that make a post malformed (the share the --max-bad-fraction gate applies to).
@@ -39,8 +41,9 @@ MALFORMED_REASONS = frozenset(
         "bad_field_type",
         "missing_metadata",
         "bad_columns",
-        "truncated_file",
         "key_too_long",
+        "duplicate_key",
+        "read_error",
     ]
 )
 # A well-formed post can still carry no hashtag at all: dropped, but not malformed.
@@ -49,6 +52,10 @@ EMPTY = "empty_tags"
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _TSV_SUFFIXES = (".tsv", ".yfcc")
+# What a folder or glob of inputs matches (shards.list_shards): the formats above, compressed or not; not the
+# shards' .idx files beside them.
+INPUT_PATTERNS = (*(f"*{suffix}{compressed}" for suffix in (".tar", *_JSONL_SUFFIXES, *_TSV_SUFFIXES)
+                    for compressed in ("", *_COMPRESSED)), "yfcc100m_dataset*")
 # A caption's hashtags: '#' not inside a word or an HTML entity (YFCC's "&#39;"), then word characters.
 _CAPTION_HASHTAG = re.compile(r"(?<![\w&])#(\w+)")
 # YFCC100M column layouts by column count: (key column, user tags column).
@@ -62,23 +69,37 @@ _parse_json = json.JSONDecoder().decode  # json.loads without its per-call argum
 
 @dataclass
 class InputStats:
-    """What reading one or more inputs saw: posts, raw hashtags, and what was skipped, by reason."""
+    """What reading one or more inputs saw: posts, raw hashtags, and what was skipped, by reason.
+
+    ``skipped_files``: (reason, file, why) per input that could not be read at all (``unreadable``) or only up to
+    where it breaks (``truncated``): how many posts they held is not known, so they are no posts.
+    """
 
     posts: int = 0
     raw_hashtags: int = 0
     skipped_posts: Counter = field(default_factory=Counter)  # reason -> posts
     skipped_tags: Counter = field(default_factory=Counter)  # reason -> hashtags
+    skipped_files: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def malformed(self) -> int:
         """Posts skipped for malformed input (not for merely having no hashtag)."""
         return sum(n for reason, n in self.skipped_posts.items() if reason in MALFORMED_REASONS)
 
+    @property
+    def skipped_file_counts(self) -> dict[str, int]:
+        """Files skipped per reason (``unreadable``, ``truncated``)."""
+        return dict(sorted(Counter(reason for reason, _, _ in self.skipped_files).items()))
+
+    def skip_file(self, reason: str, path: Path, why: str) -> None:
+        self.skipped_files.append((reason, str(path), why))
+
     def add(self, other: InputStats) -> None:
         self.posts += other.posts
         self.raw_hashtags += other.raw_hashtags
         self.skipped_posts.update(other.skipped_posts)
         self.skipped_tags.update(other.skipped_tags)
+        self.skipped_files += other.skipped_files
 
 
 def input_format(path: Path) -> str:
@@ -170,32 +191,45 @@ def _decode_json(raw: bytes, stats: InputStats) -> dict | None:
     return meta
 
 
-def _metadata_members(path: Path, stats: InputStats) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` per sample of a shard, with at least its metadata members (json, txt).
+def _metadata_members(path: Path, stats: InputStats) -> Iterator[tuple[str | None, dict[str, bytes] | None]]:
+    """``(key, {ext: bytes})`` per sample of a shard, with at least its metadata members (json, txt); None for the
+    members when they cannot be read (``read_error``, counted); ``(None, None)`` per duplicate sample (a key seen
+    before in the shard: ``duplicate_key``, counted), which gets no label index row.
 
     Only those members are read, by the offsets of the shard's index (``load_index``: the DALI index beside the
     shard, or its tar headers): the images, nearly all of a shard's bytes, are never read.
     """
     try:
         index = load_index(path)
-    except DataError:
-        stats.skipped_posts["truncated_file"] += 1
+    except DataError as e:
+        stats.skip_file("unreadable", path, str(e))
         return
     reader = MemberReader([path])
     try:
         for key, members in zip(index.keys.tolist(), index.members):
-            yield key, {ext: reader.read(0, *members[ext]) for ext in _METADATA_EXTS.intersection(members)}
-    except OSError:  # cut short after its index was written
-        stats.skipped_posts["truncated_file"] += 1
-        return
+            yield key, _read_members(reader, members, stats)
     finally:
         reader.close()
+    for _ in index.duplicates:
+        stats.skipped_posts["duplicate_key"] += 1
+        yield None, None
     if index.problem is not None:  # a damaged shard: its whole samples were read
-        stats.skipped_posts["truncated_file"] += 1
+        stats.skip_file("truncated", path, f"shard {path}: {index.problem}")
+
+
+def _read_members(reader: MemberReader, members: Members, stats: InputStats) -> dict[str, bytes] | None:
+    try:
+        return {ext: reader.read(0, *members[ext]) for ext in _METADATA_EXTS.intersection(members)}
+    except OSError:  # the index names bytes the shard does not hold (cut short after it was written)
+        stats.skipped_posts["read_error"] += 1
+        return None
 
 
 def _shard_posts(path: Path, stats: InputStats) -> _Posts:
     for key, files in _metadata_members(path, stats):
+        if files is None:
+            yield key, None
+            continue
         caption = None
         if "txt" in files:
             try:
@@ -222,15 +256,19 @@ def _shard_posts(path: Path, stats: InputStats) -> _Posts:
 
 
 def _lines(path: Path, stats: InputStats) -> Iterator[bytes]:
-    """The file's non-blank lines as bytes; a compressed file cut short ends them (counted)."""
+    """The file's non-blank lines as bytes; a file that cannot be read, or a compressed one cut short, is counted
+    (``unreadable`` before its first line, else ``truncated``)."""
     opener = _COMPRESSED.get(path.suffix.lower(), open)
+    read_any = False
     try:
         with opener(path, "rb") as f:
             for line in f:
+                read_any = True
                 if line.strip():
                     yield line
-    except (OSError, EOFError, lzma.LZMAError):
-        stats.skipped_posts["truncated_file"] += 1
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        why = e.strerror.lower() if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        stats.skip_file("truncated" if read_any else "unreadable", path, f"{path}: {why}")
 
 
 def _jsonl_posts(path: Path, stats: InputStats) -> _Posts:
@@ -275,9 +313,10 @@ def _tsv_posts(path: Path, stats: InputStats) -> _Posts:
 
 
 def list_inputs(spec: str | Path | list[str | Path]) -> list[Path]:
-    """The input files of ``spec`` (a folder of shards, a glob, a brace pattern, a file, or a list of these),
-    each of a known format; UserError when nothing matches or a file's format is unknown."""
-    paths = list_shards(spec)
+    """The input files of ``spec`` (a folder, a glob, a brace pattern, a file, or a list of these): folders and
+    globs match the ``INPUT_PATTERNS`` files; UserError when nothing matches or a file given by name is of an
+    unknown format."""
+    paths = list_shards(spec, INPUT_PATTERNS)
     for path in paths:
         input_format(path)
     return paths

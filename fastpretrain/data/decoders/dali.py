@@ -22,6 +22,9 @@ DALI has no bfloat16: for bf16 training the GPU pipeline emits float32 and torch
 once (through fp16 it would be rounded twice); a batch of 256 at 224 is 154 MB instead of 77, ~0.03 ms more of
 an H200's memory bandwidth.
 
+The constructor refuses (UserError) batches whose memory in flight would not fit (``batch_memory``): DALI would
+otherwise grow its buffers until the machine runs out.
+
 A decode error fails a whole DALI batch. ``probe_image`` rejects what would fail (non-images, truncation,
 bombs) before feeding; if a batch still fails, the pipeline is rebuilt and the batch decoded one image at a
 time to find the culprit.
@@ -33,6 +36,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +46,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from fastpretrain.data.config import DataConfig
 from fastpretrain.data.decoders.common import CropFinisher, CropSpec, PreparedChunk, prepare_chunk
 from fastpretrain.data.stream import DecodedChunk, PlanChunk, SampleTable
+from fastpretrain.errors import UserError
 from fastpretrain.formats.shards import MemberReader
 
 log = logging.getLogger("fastpretrain.data")
@@ -101,6 +106,31 @@ def image_pipeline(
     return pipeline()
 
 
+MEMINFO = Path("/proc/meminfo")  # MemAvailable: what the kernel can give without swapping (Linux)
+
+
+def batch_memory(cfg: DataConfig, table: SampleTable, half: bool) -> int:
+    """Bytes the batches in flight take: ``prefetch_batches`` runs, the batch being handed out and the one being
+    fed (hence + 2), each ``batch_size`` decoded images (S x S x 3 in DALI's output type: fp16 or float32) and
+    their encoded bytes (the shards' mean image)."""
+    usable = table.image_size[table.usable]
+    encoded = float(usable.mean()) if len(usable) else 0.0
+    decoded = cfg.image_size**2 * 3 * (2 if half else 4)
+    return int(cfg.batch_size * (decoded + encoded) * (cfg.prefetch_batches + 2))
+
+
+def _available_memory(device_id: int | None) -> tuple[int, str] | None:
+    """(bytes available, where) on the GPU or, without one, in RAM; None where that cannot be told."""
+    if device_id is not None:
+        return torch.cuda.mem_get_info(device_id)[0], f"GPU {device_id}"
+    try:
+        lines = MEMINFO.read_text().splitlines()
+    except OSError:
+        return None
+    kib = next((line.split()[1] for line in lines if line.startswith("MemAvailable:")), None)
+    return (int(kib) * 1024, "this machine") if kib is not None else None
+
+
 def _summary(error: Exception) -> str:
     """The line of a DALI error that says what failed (the rest is the pipeline's traceback)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -122,6 +152,16 @@ class DaliDecoder:
         self.device_id = None
         if self.device.type == "cuda":
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        needed, available = batch_memory(self.cfg, self.table, self.half), _available_memory(self.device_id)
+        if available is not None and needed > available[0]:
+            cfg = self.cfg
+            raise UserError(
+                f"the DALI data backend needs about {needed / 2**30:.3g} GiB for its batches in flight "
+                f"({cfg.prefetch_batches + 2} batches of {cfg.batch_size} images of {cfg.image_size}x{cfg.image_size}) "
+                f"and {available[1]} has {available[0] / 2**30:.3g} GiB available: lower --batch-size or --img-size")
 
     def _pipeline(self):
         pipe = image_pipeline(self.cfg.batch_size, max(1, self.cfg.workers), self.device_id, self.cfg.image_size,

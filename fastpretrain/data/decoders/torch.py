@@ -10,21 +10,25 @@ batched ``decode_jpeg(device="cuda")`` (nvJPEG) and crops on the GPU, so pixels 
 Why it is built this way (the figures are in ``bench/results/``): the region decode skips the IDCT and colour
 conversion outside the box, where a full decode spends about half its time; the workers write into a ring of
 slots shared once per pass (``ChunkReader``) because a fresh shared tensor per chunk costs a shared-memory
-segment, a copy and page faults on both sides; they keep uint8 crops, because float32 crops are 4x the shared
-memory; and they never pickle the JPEG bytes back. Crop boxes come from ``common.prepare_chunk``, shared with the
-DALI backend, so both cut the same regions.
+segment, a copy and page faults on both sides (each slot is stamped with its chunk's sequence number, checked when
+it is read, so a slot reused too early is an error, never mixed images); they keep uint8 crops, because float32
+crops are 4x the shared memory; and they never pickle the JPEG bytes back. Crop boxes come from
+``common.prepare_chunk``, shared with the DALI backend, so both cut the same regions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
@@ -76,9 +80,34 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def decode_rgb(data: bytes) -> torch.Tensor:
-    """(3, H, W) uint8 RGB on the CPU, EXIF orientation applied; RuntimeError if the data does not decode."""
-    return decode_image(_as_tensor(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+def decode_rgb(data: bytes, image_format: str) -> torch.Tensor:
+    """(3, H, W) uint8 RGB on the CPU, EXIF orientation applied; an exception if the data does not decode.
+
+    PNGs are decoded by PIL: torchvision 0.29's decode_png kills the process (SIGSEGV) on a PNG whose compressed
+    data is corrupt, where PIL raises. An animated WebP, which torchvision refuses, gives its first frame through
+    PIL, as DALI does.
+    """
+    if image_format == "PNG":
+        return _pil_rgb(data)
+    try:
+        return decode_image(_as_tensor(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:
+        if image_format != "WEBP":
+            raise
+        return _pil_rgb(data)
+
+
+def _pil_rgb(data: bytes) -> torch.Tensor:
+    """(3, H, W) uint8 RGB of the first frame, through PIL. 16-bit samples are scaled to 8 bits: PIL does it for
+    colour, but its conversion of 16-bit gray ("I;16") to RGB clips at 255, so gray is scaled here."""
+    with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as image:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # probe_image has applied our limit
+        if image.mode.startswith("I"):
+            gray = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)  # (H, W)
+            rgb = np.repeat(gray[..., None], 3, axis=2)
+        else:
+            rgb = np.array(image.convert("RGB"))  # (H, W, 3), a writable copy
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def region_decoder():
@@ -98,29 +127,68 @@ def decode_box(data: bytes, info: ImageInfo, left: int, top: int, width: int, he
         region = jpeg.decode_region(data, left, top, width, height)  # (h, w, 3); empty: CMYK or YCCK
         if region.numel():
             return region.permute(2, 0, 1), 0, 0
-    return decode_rgb(data), left, top
+    return decode_rgb(data, info.format), left, top
 
 
 @dataclass
 class WorkerOutput:
-    """A chunk from a worker: the prepared chunk, and the ring slot holding its crops when decoded on the CPU."""
+    """A chunk from a worker: the prepared chunk, its sequence number, and the ring slot holding its crops when
+    decoded on the CPU."""
 
     prepared: PreparedChunk
+    sequence: int
     slot: int | None
+
+
+@dataclass
+class CropRing:
+    """A pass's crop slots in shared memory: ``pixels`` (slots, chunk size, S, S, 3) uint8, and ``stamps`` (slots,)
+    int64, the sequence number of the chunk whose crops each slot holds (-1 while a worker writes it)."""
+
+    pixels: torch.Tensor
+    stamps: torch.Tensor
+
+    @classmethod
+    def make(cls, slots: int, chunk_size: int, image_size: int) -> CropRing:
+        pixels = torch.empty((slots, chunk_size, image_size, image_size, 3), dtype=torch.uint8).share_memory_()
+        return cls(pixels, torch.full((slots,), -1, dtype=torch.int64).share_memory_())
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+    def read(self, slot: int, sequence: int, count: int, normalize: Normalizer) -> torch.Tensor:
+        """The first ``count`` crops of ``slot`` normalized, RuntimeError unless they are all of chunk
+        ``sequence``: checked before the copy, and after it (a worker may have begun writing the slot meanwhile)."""
+        self._check(slot, sequence)
+        images = normalize(self.pixels[slot, :count])
+        self._check(slot, sequence)
+        return images
+
+    def _check(self, slot: int, sequence: int) -> None:
+        stamp = int(self.stamps[slot])
+        if stamp != sequence:  # a bug, never bad data: slots reused while still in flight would mix images
+            holds = "a chunk being written" if stamp < 0 else f"chunk {stamp}"
+            raise RuntimeError(f"crop slot {slot} holds {holds}, not chunk {sequence}: more chunks were in flight "
+                               f"than the {len(self)} slots of the ring")
+
+
+def ring_slots(cfg: DataConfig) -> int:
+    """Slots of a pass's ring: one more than the DataLoader keeps in flight (``workers x prefetch``: it asks for the
+    next chunk before handing out the current one), and one to spare."""
+    return cfg.workers * cfg.prefetch_batches + 2
 
 
 class ChunkReader(Dataset):
     """Indexed by (sequence number, PlanChunk): reads and checks the chunk's images and, given a ``ring``, decodes
-    and crops them into slot ``sequence % len(ring)`` of it.
+    and crops them into slot ``sequence % len(ring)`` of it, stamping the slot with the sequence number.
 
-    The ring, (slots, chunk size, S, S, 3) uint8 in shared memory, is made once per pass, before its worker
-    processes start: crops returned as a fresh tensor cost, per chunk, a shared-memory segment, a copy into it and
-    page faults on both sides (~0.2 ms per 224 crop on 2 cores). A slot is safe to reuse once the training process
-    has normalized its chunk: ``slots`` must exceed the chunks a DataLoader keeps in flight (it asks for the next
-    one before handing out the current one).
+    The ring, in shared memory, is made once per pass, before its worker processes start: crops returned as a
+    fresh tensor cost, per chunk, a shared-memory segment, a copy into it and page faults on both sides (~0.2 ms
+    per 224 crop on 2 cores). A slot is safe to reuse once the training process has normalized its chunk; the
+    stamps make a slot reused too early an error instead of mixed images.
     """
 
-    def __init__(self, table: SampleTable, spec: CropSpec, ring: torch.Tensor | None) -> None:
+    def __init__(self, table: SampleTable, spec: CropSpec, ring: CropRing | None) -> None:
         self.table = table
         self.spec = spec
         self.ring = ring
@@ -130,29 +198,35 @@ class ChunkReader(Dataset):
         sequence, chunk = item
         prepared = prepare_chunk(chunk, self.table, self.reader, self.spec)
         if self.ring is None:
-            return WorkerOutput(prepared, None)
+            return WorkerOutput(prepared, sequence, None)
         slot = sequence % len(self.ring)
-        pixels = self.ring[slot]  # (chunk size, S, S, 3)
         failed: dict[int, str] = {}
+        self.ring.stamps[slot] = -1
         with quiet_codecs():
-            self._decode_into(pixels, prepared, failed)
+            self._decode_into(self.ring.pixels[slot], prepared, failed)  # (chunk size, S, S, 3)
+        self.ring.stamps[slot] = sequence
         kept = prepared.drop(failed, "decode_error")
         # The training process needs no JPEG bytes back (about 2 MB less to pickle per chunk of 32).
-        return WorkerOutput(replace(kept, encoded=[]), slot)
+        return WorkerOutput(replace(kept, encoded=[]), sequence, slot)
 
     @staticmethod
     def _decode_into(pixels: torch.Tensor, prepared: PreparedChunk, failed: dict[int, str]) -> None:
         """Each image of ``prepared`` decoded and cropped into the next row of ``pixels``; those that fail in
-        ``failed`` (index -> detail)."""
+        ``failed`` (index -> detail). Nothing one image does escapes: a worker that raised would end the pass."""
         boxes = prepared.boxes
         for i, data in enumerate(prepared.encoded):
-            width, height = int(boxes.width[i]), int(boxes.height[i])
+            left, top, width, height = (int(b[i]) for b in (boxes.left, boxes.top, boxes.width, boxes.height))
             try:
-                image, left, top = decode_box(data, prepared.infos[i], int(boxes.left[i]), int(boxes.top[i]), width, height)
+                image, left, top = decode_box(data, prepared.infos[i], left, top, width, height)
+                crop_resize_into(pixels[i - len(failed)], image, left, top, width, height, bool(boxes.flip[i]))
             except Exception as e:  # noqa: BLE001 - whatever the decoder throws, the sample is skipped
-                failed[i] = str(e).splitlines()[-1]
-                continue
-            crop_resize_into(pixels[i - len(failed)], image, left, top, width, height, bool(boxes.flip[i]))
+                failed[i] = _last_line(e)
+
+
+def _last_line(error: Exception) -> str:
+    """What failed, in one line (torch's messages end with it, after their C++ context)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
 def _check_shared_memory(needed: int) -> None:
@@ -185,13 +259,13 @@ class TorchDecoder:
             region_decoder()  # built (or its absence warned about) here, once, not in each worker process
         self.normalize = Normalizer(cfg, self.device, dtype)
 
-    def _ring(self) -> torch.Tensor | None:
-        """A pass's crop slots (see ChunkReader): one more than the DataLoader keeps in flight, and one to spare."""
+    def _ring(self) -> CropRing | None:
+        """A pass's crop slots (see ChunkReader and ring_slots)."""
         if self.on_gpu:
             return None
-        slots, size = self.cfg.workers * self.cfg.prefetch_batches + 2, self.cfg.image_size
+        slots, size = ring_slots(self.cfg), self.cfg.image_size
         _check_shared_memory(slots * self.cfg.batch_size * size * size * 3)
-        return torch.empty((slots, self.cfg.batch_size, size, size, 3), dtype=torch.uint8).share_memory_()
+        return CropRing.make(slots, self.cfg.batch_size, size)
 
     def decode(self, chunks: Iterator[PlanChunk]) -> Iterator[DecodedChunk]:
         """Decoded chunks in the order of ``chunks`` (each at most ``batch_size`` samples long)."""
@@ -211,14 +285,15 @@ class TorchDecoder:
             # The last reference: the DataLoader iterator shuts its workers down now, not at garbage collection.
             del outputs
 
-    def _finish(self, output: WorkerOutput, ring: torch.Tensor | None) -> DecodedChunk:
+    def _finish(self, output: WorkerOutput, ring: CropRing | None) -> DecodedChunk:
         prepared = output.prepared
         if output.slot is None:
             with quiet_codecs():
                 prepared, pixels = self._decode_on_gpu(prepared)
+            images = self.normalize(pixels)
         else:  # normalizing copies the crops out of the slot, which a worker may then fill again
-            pixels = ring[output.slot, : len(prepared)]
-        return DecodedChunk(prepared.epoch, prepared.positions, prepared.samples, self.normalize(pixels), prepared.bad)
+            images = ring.read(output.slot, output.sequence, len(prepared), self.normalize)
+        return DecodedChunk(prepared.epoch, prepared.positions, prepared.samples, images, prepared.bad)
 
     def _decode_on_gpu(self, prepared: PreparedChunk) -> tuple[PreparedChunk, torch.Tensor]:
         size = self.cfg.image_size
@@ -242,12 +317,17 @@ class TorchDecoder:
                 decoded[i] = apply_orientation(decoded[i], prepared.infos[i].orientation)
                 continue
             try:  # what nvJPEG cannot decode (PNG, WebP, some JPEGs), the CPU decoder may
-                decoded[i] = decode_rgb(data).to(self.device, non_blocking=True)
+                decoded[i] = decode_rgb(data, prepared.infos[i].format).to(self.device, non_blocking=True)
             except Exception as e:  # noqa: BLE001 - whatever the decoder throws, the sample is skipped
-                failed[i] = str(e).splitlines()[-1]
+                failed[i] = _last_line(e)
         boxes = prepared.boxes
         pixels = torch.empty((len(decoded), size, size, 3), dtype=torch.uint8, device=self.device)  # (k, S, S, 3)
-        for row, i in enumerate(sorted(decoded)):
-            crop_resize_into(pixels[row], decoded[i], int(boxes.left[i]), int(boxes.top[i]), int(boxes.width[i]),
-                             int(boxes.height[i]), bool(boxes.flip[i]))
-        return prepared.drop(failed, "decode_error"), pixels
+        row = 0
+        for i in sorted(decoded):
+            try:
+                crop_resize_into(pixels[row], decoded[i], int(boxes.left[i]), int(boxes.top[i]), int(boxes.width[i]),
+                                 int(boxes.height[i]), bool(boxes.flip[i]))
+                row += 1
+            except Exception as e:  # noqa: BLE001 - as for decoding: the sample is skipped
+                failed[i] = _last_line(e)
+        return prepared.drop(failed, "decode_error"), pixels[:row]
