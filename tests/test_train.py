@@ -240,3 +240,17 @@ def test_tensorboard_gets_the_scalars_of_the_metrics_lines(demo_cache, tmp_path)
         scalars = events.Scalars(f"train/{name}")
         assert [s.step for s in scalars] == [r["step"] for r in logged]
         assert [s.value for s in scalars] == pytest.approx([r[name] for r in logged], rel=1e-6)
+
+
+def test_resume_auto_with_every_checkpoint_damaged_refuses_instead_of_starting_over(demo_cache, tmp_path, capsys):
+    """Starting from step 0 would prune the damaged checkpoints on the first save: a user decides, not the trainer."""
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--steps", "2", "--checkpoint-interval", "1", "--output", str(run)]) == 0
+    for payload in (run / "checkpoints").glob("step-*.pt"):
+        payload.write_bytes(payload.read_bytes()[:1000])  # truncated
+    capsys.readouterr()
+    rc = main(["train", *QUICK, "--steps", "4", "--output", str(run), "--resume", "auto"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("fastpretrain: error: --resume auto: no checkpoint") and "Traceback" not in err
+    assert len([line for line in err if "is unusable" in line]) == 2  # each damaged one reported
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt")) == ["step-000000001.pt", "step-000000002.pt"]

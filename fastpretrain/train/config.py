@@ -225,7 +225,7 @@ def resolve(flags: dict, task: str = "hashtags") -> TrainConfig:
     has_data = ("data" in flag_layer.get("data", {})) or ("data" in file_layer.get("data", {}))
     if recipe is None and (task == "classes" or not has_data):
         recipe = DEFAULT_RECIPE[task]
-    if recipe is not None and recipe not in RECIPES:
+    if recipe is not None and (not isinstance(recipe, str) or recipe not in RECIPES):
         raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     merged: dict[str, dict] = {section: {} for section in SECTIONS}
     for layer in (RECIPES.get(recipe, {}), file_layer, flag_layer):

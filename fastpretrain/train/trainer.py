@@ -351,10 +351,14 @@ class Trainer:
             return
         found = None
         if resume == "auto":  # rank 0 picks the checkpoint (on a shared file system), every rank loads that one
-            found = find_latest(self.output / CHECKPOINTS) if self.world.is_main else None
+            folder = self.output / CHECKPOINTS
+            found = find_latest(folder) if self.world.is_main else None
             path = self.world.gather(str(found[0]) if found else None)[0]
             if path is None:
-                logger.info("--resume auto: no checkpoint in %s yet, starting from step 0", self.output / CHECKPOINTS)
+                if any(folder.glob("step-*")):  # starting afresh would prune them: never without being told
+                    raise UserError(f"--resume auto: no checkpoint in {folder} is usable (each is reported above); "
+                                    "move them away to start from step 0, or give --resume FILE")
+                logger.info("--resume auto: no checkpoint in %s yet, starting from step 0", folder)
                 return
         else:
             path = resume
@@ -535,8 +539,8 @@ class Trainer:
         there is an EMA. The bare module: DDP's forward would broadcast buffers, and ranks' shares differ in length."""
         model = self.ema.module if self.ema is not None else unwrap(self.model)
         sums = self.task.evaluation_sums(model, self.val_loader, self.precision.autocast())
-        totals = self.world.sum([sums[k] for k in sorted(sums)])
-        return mean_metrics(dict(zip(sorted(sums), totals)))
+        totals = self.world.sum(list(sums.values()))  # the same names in the same order on every rank
+        return mean_metrics(dict(zip(sums, totals)))
 
     def close(self) -> None:
         self.metrics.close()

@@ -96,7 +96,14 @@ def init_world(device: str = "auto", timeout_s: float = 1800.0) -> World:
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, timeout=timeout, **({"device_id": chosen} if chosen.type == "cuda" else {}))
+        # Each attempt of a torchrun job (--max-restarts) under a key prefix of its own: torchrun's agent keeps one
+        # store for all attempts, and without it a rank of the new attempt can read the dead attempt's addresses
+        # there (gloo: "connectFullMesh failed ... Connection refused" when rank 0 was the one that died).
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = _environment_int("TORCHELASTIC_RESTART_COUNT", 0)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"fastpretrain/attempt-{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout,
+                                **({"device_id": chosen} if chosen.type == "cuda" else {}))
         control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
         return World(rank, local_rank, world_size, chosen, backend, control)
     return World(rank, local_rank, world_size, chosen, backend)
