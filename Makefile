@@ -1,6 +1,8 @@
-# Two entry points, each doing all of its own set-up on a fresh Debian machine:
-#   make demo   installs everything, then trains on the embedded demo corpus
-#   make test   installs everything, then runs the test suite (what CI runs)
+# Entry points, each doing all of its own set-up on a fresh Debian machine:
+#   make demo         installs everything, then trains on the embedded demo corpus
+#   make test         installs everything, then runs the test suite (CI runs it, then bench-gate)
+#   make bench-gate   the throughput regression gate: the benchmarks' short mode, failing under a floor
+#   make bench        every benchmark; its results into bench/results/ and the README's performance section
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +10,9 @@ PY := $(VENV)/bin/python
 NLTK_WORDNET := $(VENV)/nltk_data/corpora/wordnet
 DEMO_FLAGS ?= --amp --output runs/demo
 
-.PHONY: setup demo test bench wordnet clean
+BENCH_JSON ?= .benchmarks/latest.json
+
+.PHONY: setup demo test bench bench-gate wordnet clean
 
 # Debian packages, as root or through sudo.
 apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
@@ -48,8 +52,16 @@ test: setup
 	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest tests -q; rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
+# Ours beside its baseline in one run; the table of ratios ends the output (bench/conftest.py).
 bench: setup
-	$(PY) -m pytest bench/ --benchmark-only -q
+	mkdir -p $(dir $(BENCH_JSON))
+	$(PY) -m pytest bench/ --benchmark-only -q --benchmark-json=$(BENCH_JSON)
+	$(PY) bench/summarize.py $(BENCH_JSON) --readme
+
+# Fewer rounds and only the smaller cases (--short), failing with a GATE FAIL line per ratio under its floor in
+# bench/baselines.json, or per gated benchmark that did not run (--gate).
+bench-gate: setup
+	$(PY) -m pytest bench/ --benchmark-only -q --short --gate
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -1,30 +1,20 @@
 """Hashtag canonicalization and ``vocab build`` speed, each beside its baseline in the same run.
 
-Lookups (group ``hashtag-lookup``), on a Zipf stream of real lemma surfaces, plurals and noise:
-- floor: one dict hit per tag, about 50-100 ns, so ~10M lookups/s; the memoized ``Canonicalizer.synset`` is that
-  plus a method call. Predicted: >= 5M/s after warm-up (issue target: >= 1M/s per core).
-- ``unmemoized``: normalization (NFKC/NFKD/casefold/regex) and the table's rules on every tag, ~1.5 us per tag.
+Lookups, on a Zipf stream of real lemma surfaces, plurals and noise, every candidate on the same tags, interleaved:
+- ours: the memoized ``Canonicalizer.synset``. Floor: one dict hit per tag plus a method call.
+- ``unmemoized``: normalization (NFKC/NFKD/casefold/regex) and the table's rules on every tag.
 - ``nltk``: the per-tag WordNet query of a naive implementation (``wn.morphy`` + ``wn.synsets``).
-  ``extra_info["speedup_vs_nltk"]`` and ``["speedup_vs_unmemoized"]`` are the ratios, measured in this run.
 
-``vocab build`` (group ``vocab-build``) on JSON-lines posts with 5 tags each:
-- floor: reading and parsing the posts without canonicalizing (``parse_only``), ~2 us of CPU per post.
-  Canonicalizing 5 memoized tags, keeping the rows, the second pass and writing the label indexes add ~3 us.
-  Predicted: ~200k posts per CPU-second in one worker; with 2 workers on 2 idle cores >= 200k posts/s, each
-  worker paying ~0.7 CPU-s once to start and load the table. ``extra_info["posts_per_cpu_s"]`` counts the CPU
-  time of this process and its workers, so it holds on a shared machine where wall time does not.
-- ``vocab-build-shards``: the same posts in WebDataset tars with 16 KB stand-in images. Without a DALI index
-  ``tarfile`` reads every member (~40 us per sample); with one, only the JSON members are read by offset.
+``vocab build`` on JSON-lines posts with 5 tags each, interleaved with its floor, ``parse-only``: reading and parsing
+the same posts without canonicalizing. Canonicalizing memoized tags, keeping the rows, the second pass and writing the
+label indexes come on top of it, so the build runs at a fixed fraction of the parse rate whatever the machine: the
+ratio falls when a stage gets slower than parsing. With 2 workers each worker also pays once to start and load the
+table. ``extra_info`` adds the same ratio in CPU time of this process and its workers, which holds on a shared
+machine where wall time does not.
 
-``warm-start``: a fresh process building the canonicalizer from the disk-cached table (the demo's case; target
-< 2 s), beside one that only imports the module.
-
-Measured 2026-11-29 on the shared 2-core machine (load average about 3 from other jobs, so wall times of the
-2-worker case are not meaningful): memoized 15.2M lookups/s (16.6x unmemoized at 0.91M/s, 55x the nltk query at
-0.27M/s); vocab build with 1 worker 205k posts/s wall, 211k posts per CPU-second (parse floor 504k); with 2
-workers 3.8 CPU-s for 480k posts (1.5 CPU-s of it worker start-up), which predicts ~250k posts/s on 2 idle
-cores (not measurable here); shards 19k posts per CPU-second without an index, 80k with one (4.2x); warm start
-0.6 s, 0.44 s over a bare import.
+Full runs only: shards (the same posts in WebDataset tars with 16 KB stand-in images) read through their DALI index
+(only the JSON members, by offset) against reading every member with ``tarfile``; and a fresh process building the
+canonicalizer from the disk-cached table (the demo's case) against one that only imports the module.
 """
 
 from __future__ import annotations
@@ -42,17 +32,21 @@ from pathlib import Path
 import pytest
 
 from fastpretrain.formats.shards import ShardWriter
+from fastpretrain.hashtags.build import VocabBuildConfig, build_vocab
 from fastpretrain.hashtags.canonical import Canonicalizer, hashtag_key
 from fastpretrain.hashtags.sources import InputStats, iter_posts
-from fastpretrain.hashtags.build import VocabBuildConfig, build_vocab
 
 TAGS_PER_POST = 5
-LOOKUP_STREAM = 200_000
+LOOKUPS = 20_000
+# The memoized pass goes over the tags this many times, so that its call lasts about as long as the baselines' and a
+# time slice lost to another job costs it no larger share (on a loaded machine short calls look slower than they are).
+MEMOIZED_PASSES = 10
+LOOKUP_ROUNDS, SHORT_LOOKUP_ROUNDS = 25, 15
 JSONL_POSTS = 480_000
 JSONL_FILES = 8
+BUILD_ROUNDS, SHORT_BUILD_ROUNDS = 5, 3  # calls of seconds: their medians settle in a few rounds
 SHARD_POSTS = 20_000
 IMAGE_BYTES = 16_384  # a small JPEG's size: what reading whole shards pays for and the index path skips
-MEDIANS: dict[str, float] = {}  # benchmark name -> median seconds, for ratios within this run
 
 
 @pytest.fixture(scope="module")
@@ -72,61 +66,40 @@ def tag_pool(canonicalizer) -> tuple[list[str], list[float]]:
     return pool, cum_weights
 
 
-@pytest.fixture(scope="module")
-def tag_stream(tag_pool) -> list[str]:
-    pool, cum_weights = tag_pool
-    return random.Random(1).choices(pool, cum_weights=cum_weights, k=LOOKUP_STREAM)
-
-
-def _record(benchmark, name: str, items: int, unit: str) -> float:
-    median = benchmark.stats.stats.median
-    MEDIANS[name] = median
-    benchmark.extra_info[f"{unit}_per_s"] = round(items / median)
-    return median
-
-
-@pytest.mark.benchmark(group="hashtag-lookup")
-def test_lookup_nltk_per_tag(benchmark, tag_stream):
+def test_lookups(benchmark, report, short, side_by_side, canonicalizer, tag_pool):
     from nltk.corpus import wordnet as wn
 
-    sample = tag_stream[:2_000]
+    pool, cum_weights = tag_pool
+    tags = random.Random(1).choices(pool, cum_weights=cum_weights, k=LOOKUPS)
+    synset, synset_of_key = canonicalizer.synset, canonicalizer.synset_of_key
     wn.synsets("warm", "n")  # load WordNet outside the timing
+    for tag in tags:  # the memo fills as it would over the first posts of a build
+        synset(tag)
 
-    def run():
-        for tag in sample:
+    def memoized():
+        for _ in range(MEMOIZED_PASSES):
+            for tag in tags:
+                synset(tag)
+
+    def unmemoized():
+        for tag in tags:
+            synset_of_key(hashtag_key(tag))
+
+    def nltk():
+        for tag in tags:
             base = wn.morphy(hashtag_key(tag), "n")
             if base is not None:
                 wn.synsets(base, "n")
 
-    benchmark.pedantic(run, rounds=3, iterations=1)
-    MEDIANS["nltk_per_lookup"] = _record(benchmark, "nltk", len(sample), "lookups") / len(sample)
-
-
-@pytest.mark.benchmark(group="hashtag-lookup")
-def test_lookup_unmemoized(benchmark, canonicalizer, tag_stream):
-    def run():
-        for tag in tag_stream:
-            canonicalizer.synset_of_key(hashtag_key(tag))
-
-    benchmark.pedantic(run, rounds=5, iterations=1)
-    MEDIANS["unmemoized_per_lookup"] = _record(benchmark, "unmemoized", len(tag_stream), "lookups") / len(tag_stream)
-
-
-@pytest.mark.benchmark(group="hashtag-lookup")
-def test_lookup_memoized(benchmark, canonicalizer, tag_stream):
-    synset = canonicalizer.synset
-    for tag in tag_stream:  # warm-up: the memo fills as it would over the first posts of a build
-        synset(tag)
-
-    def run():
-        for tag in tag_stream:
-            synset(tag)
-
-    benchmark.pedantic(run, rounds=10, iterations=1)
-    per_lookup = _record(benchmark, "memoized", len(tag_stream), "lookups") / len(tag_stream)
+    comparison = side_by_side({"memoized": memoized, "unmemoized": unmemoized, "nltk": nltk},
+                              SHORT_LOOKUP_ROUNDS if short else LOOKUP_ROUNDS)
+    lookups = {"memoized": MEMOIZED_PASSES * LOOKUPS, "unmemoized": LOOKUPS, "nltk": LOOKUPS}
+    per_lookup = {name: [seconds / count for seconds in comparison.samples[name]] for name, count in lookups.items()}
     for baseline in ("nltk", "unmemoized"):
-        if f"{baseline}_per_lookup" in MEDIANS:
-            benchmark.extra_info[f"speedup_vs_{baseline}"] = round(MEDIANS[f"{baseline}_per_lookup"] / per_lookup, 1)
+        ratio = statistics.median(b / o for b, o in zip(per_lookup[baseline], per_lookup["memoized"], strict=True))
+        report(f"hashtags/cpu/lookup/memoized-vs-{baseline}", 1 / statistics.median(per_lookup["memoized"]),
+               1 / statistics.median(per_lookup[baseline]), ratio, "lookups/s")
+    benchmark.pedantic(memoized, rounds=10, iterations=1)
 
 
 @pytest.fixture(scope="module")
@@ -150,100 +123,94 @@ def jsonl_inputs(tmp_path_factory, posts) -> list[str]:
     return paths
 
 
-@pytest.fixture(scope="module", params=["no_index", "indexed"])
-def shard_inputs(request, tmp_path_factory, posts) -> list[str]:
-    """Shards of the first SHARD_POSTS posts with a stand-in image of IMAGE_BYTES, with or without DALI index."""
-    folder = tmp_path_factory.mktemp(f"shards_{request.param}")
+def _shards(folder: Path, posts: list[tuple[str, dict]], indexed: bool) -> list[str]:
     image = bytes(IMAGE_BYTES)
     paths = []
     for f in range(4):
         path = folder / f"{f:05d}.tar"
-        with ShardWriter(path, write_index=request.param == "indexed") as writer:
+        with ShardWriter(path, write_index=indexed) as writer:
             for key, meta in posts[f * SHARD_POSTS // 4 : (f + 1) * SHARD_POSTS // 4]:
                 writer.write(key, {"jpg": image, "json": json.dumps(meta).encode()})
         paths.append(str(path))
     return paths
 
 
-CPU_SECONDS: dict[str, list[float]] = {}  # benchmark name -> CPU seconds per round, this process and its workers
-
-
 def _cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (a build's pool workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _counting_cpu(name: str, fn, *args):
-    start = _cpu_seconds()
-    result = fn(*args)
-    CPU_SECONDS.setdefault(name, []).append(_cpu_seconds() - start)  # pool workers are reaped: their time counts
-    return result
+def _counting_cpu(function, cpu_seconds: list[float]):
+    def run():
+        start = _cpu_seconds()
+        result = function()
+        cpu_seconds.append(_cpu_seconds() - start)
+        return result
+    return run
+
+
+def _parse(inputs: list[str]) -> int:
+    stats = InputStats()
+    for path in inputs:
+        for _ in iter_posts(path, stats):
+            pass
+    return stats.posts
 
 
 def _build(inputs: list[str], out: Path, workers: int) -> int:
     summary = build_vocab(VocabBuildConfig(data=inputs, out=str(out / "vocab.json"), workers=workers))
-    return summary.labels.stats.posts
+    return summary.labeling.stats.posts
 
 
-def _record_cpu(benchmark, name: str, posts: int) -> None:
-    """Posts per CPU-second: per-core throughput that other jobs on a shared machine do not distort."""
-    cpu = statistics.median(CPU_SECONDS[name])
-    benchmark.extra_info["cpu_s"] = round(cpu, 3)
-    benchmark.extra_info["posts_per_cpu_s"] = round(posts / cpu)
+def _build_against(benchmark, report, side_by_side, name: str, ours, baseline, posts: int, rounds: int) -> None:
+    """``ours`` and ``baseline`` (each a call over ``posts`` posts) interleaved; a row of posts/s, CPU in extra_info.
+
+    Calls of seconds: no warm-up (the fixtures have loaded the table and written the inputs), and ``benchmark`` times
+    the whole comparison once rather than our path again.
+    """
+    cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
+    candidates = {"ours": _counting_cpu(ours, cpu["ours"]), "baseline": _counting_cpu(baseline, cpu["baseline"])}
+    comparison = benchmark.pedantic(side_by_side, args=(candidates, rounds), kwargs={"warmup": 0, "settle_s": 0},
+                                    rounds=1, iterations=1)
+    report(name, posts / comparison.median("ours"), posts / comparison.median("baseline"),
+           comparison.speedup("ours", "baseline"), "posts/s")
+    benchmark.extra_info["cpu_ratio"] = round(statistics.median(
+        b / o for b, o in zip(cpu["baseline"], cpu["ours"], strict=True)), 3)
+    benchmark.extra_info["posts_per_cpu_s"] = round(posts / statistics.median(cpu["ours"]))
 
 
-@pytest.mark.benchmark(group="vocab-build")
-def test_parse_only_floor(benchmark, jsonl_inputs):
-    def run():
-        stats = InputStats()
-        for path in jsonl_inputs:
-            for _ in iter_posts(path, stats):
-                pass
-        return stats.posts
-
-    posts = benchmark.pedantic(_counting_cpu, args=("parse_only", run), rounds=3, iterations=1)
-    _record(benchmark, "parse_only", posts, "posts")
-    _record_cpu(benchmark, "parse_only", posts)
+# 1 worker builds in this process, as parsing does: the ratio to gate. 2 workers also start a pool and contend for
+# the cores with other users of a shared machine.
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.full)])
+def test_vocab_build_jsonl(benchmark, report, short, side_by_side, jsonl_inputs, tmp_path, workers):
+    name = f"vocab-build/cpu/jsonl-{workers}-worker{'s' if workers > 1 else ''}/vs-parse-only"
+    _build_against(benchmark, report, side_by_side, name,
+                   lambda: _build(jsonl_inputs, tmp_path, workers), lambda: _parse(jsonl_inputs), JSONL_POSTS,
+                   SHORT_BUILD_ROUNDS if short else BUILD_ROUNDS)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.benchmark(group="vocab-build")
-def test_vocab_build_jsonl(benchmark, jsonl_inputs, tmp_path, workers):
-    name = f"build_{workers}"
-    posts = benchmark.pedantic(_counting_cpu, args=(name, _build, jsonl_inputs, tmp_path, workers), rounds=3,
-                               iterations=1)
-    median = _record(benchmark, name, posts, "posts")
-    _record_cpu(benchmark, name, posts)
-    if "parse_only" in MEDIANS:
-        benchmark.extra_info["time_vs_parse_floor"] = round(median / MEDIANS["parse_only"], 2)
-    if workers == 2 and "build_1" in MEDIANS:
-        benchmark.extra_info["speedup_vs_1_worker"] = round(MEDIANS["build_1"] / median, 2)
-
-
-@pytest.mark.benchmark(group="vocab-build-shards")
-def test_vocab_build_shards(benchmark, shard_inputs, tmp_path, request):
-    name = f"shards_{request.node.callspec.id}"
-    posts = benchmark.pedantic(_counting_cpu, args=(name, _build, shard_inputs, tmp_path, 1), rounds=3, iterations=1)
-    _record(benchmark, name, posts, "posts")
-    _record_cpu(benchmark, name, posts)
-    if "shards_no_index" in MEDIANS and name == "shards_indexed":
-        benchmark.extra_info["speedup_vs_no_index"] = round(MEDIANS["shards_no_index"] / MEDIANS[name], 1)
+@pytest.mark.full
+def test_vocab_build_shards(benchmark, report, side_by_side, tmp_path_factory, posts, tmp_path):
+    indexed = _shards(tmp_path_factory.mktemp("indexed"), posts, indexed=True)
+    unindexed = _shards(tmp_path_factory.mktemp("unindexed"), posts, indexed=False)
+    _build_against(benchmark, report, side_by_side, "vocab-build/cpu/shards/indexed-vs-unindexed",
+                   lambda: _build(indexed, tmp_path, 1), lambda: _build(unindexed, tmp_path, 1), SHARD_POSTS,
+                   BUILD_ROUNDS)
 
 
 def _fresh_process(program: str) -> None:
     subprocess.run([sys.executable, "-c", program], check=True, env=dict(os.environ))
 
 
-@pytest.mark.benchmark(group="warm-start")
-def test_import_only_baseline(benchmark, canonicalizer):
-    benchmark.pedantic(_fresh_process, args=("import fastpretrain.formats.vocab",), rounds=3, iterations=1)
-    _record(benchmark, "import_only", 1, "starts")
-
-
-@pytest.mark.benchmark(group="warm-start")
-def test_warm_start_canonicalizer(benchmark, canonicalizer):
-    program = "from fastpretrain.hashtags.canonical import Canonicalizer; Canonicalizer().canonical('cars')"
-    benchmark.pedantic(_fresh_process, args=(program,), rounds=3, iterations=1)
-    median = _record(benchmark, "warm_start", 1, "starts")
-    if "import_only" in MEDIANS:
-        benchmark.extra_info["seconds_over_import"] = round(median - MEDIANS["import_only"], 3)
+@pytest.mark.full
+def test_warm_start(benchmark, report, side_by_side, canonicalizer):
+    """The canonicalizer's start from its disk cache (made by the ``canonicalizer`` fixture) in a fresh process."""
+    warm = "from fastpretrain.hashtags.canonical import Canonicalizer; Canonicalizer().canonical('cars')"
+    candidates = {"warm": lambda: _fresh_process(warm),
+                  "import": lambda: _fresh_process("import fastpretrain.formats.vocab")}
+    comparison = benchmark.pedantic(side_by_side, args=(candidates, BUILD_ROUNDS), kwargs={"warmup": 1, "settle_s": 0},
+                                    rounds=1, iterations=1)
+    report("hashtags/cpu/warm-start/vs-import-only", comparison.median("warm"), comparison.median("import"),
+           comparison.speedup("warm", "import"), "s")
+    benchmark.extra_info["seconds_over_import"] = round(comparison.median("warm") - comparison.median("import"), 3)
