@@ -184,17 +184,23 @@ def hashtag_xent_forward(
     row_loss: torch.Tensor,
     grad: torch.Tensor | None,
     max_block: int = MAX_BLOCK,
+    block: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Writes each row's loss into ``row_loss`` and, when ``grad`` is given, ``(softmax - t) * grad_scale``.
 
     ``logits`` (B, C) with unit column stride; ``labels`` (nnz,), ``offsets`` (B + 1,) int32/int64;
     ``weights`` (nnz,) or None; ``grad_scale`` a 0-dim float32 tensor; ``row_loss`` (B,) float32;
     ``grad`` (B, C) like logits (it may be ``logits`` itself) or None. ``max_block`` caps the columns held
-    whole in one block (smaller values exercise the two-pass path on small rows).
+    whole in one block (smaller values exercise the two-pass path on small rows). ``block`` (a power of two;
+    the whole row in one block when it covers the row, else the two-pass path) and ``num_warps`` override the
+    choice made here, for the GPU suite's sweep (bench/test_bench_gpu.py).
     """
     n_rows, n_cols = logits.shape
     whole_row = triton.next_power_of_2(n_cols)
-    block = whole_row if whole_row <= max_block else min(STREAM_BLOCK, max_block)
+    if block is None:
+        block = whole_row if whole_row <= max_block else min(STREAM_BLOCK, max_block)
+    block = min(block, whole_row)
     grad_stride = 0 if grad is None else grad.stride(0)
     align = alignment(n_cols, logits.stride(0), grad_stride)
     _hashtag_xent_fwd_kernel[(n_rows,)](
@@ -213,7 +219,7 @@ def hashtag_xent_forward(
         SINGLE_BLOCK=block == whole_row,
         BLOCK=block,
         ALIGN=align,
-        num_warps=_num_warps(block),
+        num_warps=_num_warps(block) if num_warps is None else num_warps,
     )
 
 

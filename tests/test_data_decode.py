@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_jpeg
+from PIL import Image
+from torchvision.io import ImageReadMode
 from torchvision.transforms import RandomResizedCrop
 
 from fastpretrain.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from fastpretrain.data.decoders import torch as torch_decoder
 from fastpretrain.data.decoders.boxes import center_boxes, eval_resize_size, random_resized_boxes, sample_uniforms
 from fastpretrain.data.decoders.common import BadImage, CropSpec, prepare_chunk, probe_image
-from fastpretrain.data.decoders.torch import ChunkReader, CropRing, TorchDecoder, apply_orientation, decode_rgb
+from fastpretrain.data.decoders.torch import ChunkReader, CropRing, TorchDecoder, decode_rgb
 from fastpretrain.data.stream import PlanChunk, SampleTable
 from fastpretrain.errors import UserError
 from fastpretrain.formats.shards import MemberReader, ShardWriter, load_index
@@ -104,19 +104,6 @@ def test_probe_swaps_size_for_rotating_exif_orientation(rng):
         exif[0x0112] = orientation
         info = probe_image(encode(image, exif=exif), max_pixels=10**6)
         assert (info.width, info.height, info.orientation) == ((30, 70) if orientation >= 5 else (70, 30)) + (orientation,)
-
-
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_apply_orientation_turns_like_pil(rng, orientation):
-    """nvJPEG ignores EXIF, so the GPU path turns images itself: it must match PIL's exif_transpose."""
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    data = encode(smooth_image(rng, int(rng.integers(5, 30)), int(rng.integers(5, 30))), exif=exif)
-    reference = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
-    raw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    turned = apply_orientation(raw, orientation).permute(1, 2, 0).numpy()
-    assert turned.shape == reference.shape
-    assert np.abs(turned.astype(int) - reference).max() <= 2  # both are libjpeg-turbo; allow IDCT rounding
 
 
 def test_uniforms_are_a_pure_function_of_seed_epoch_position(rng):
