@@ -13,7 +13,7 @@ from fastpretrain.data import commands as data_commands
 from fastpretrain.hashtags import commands as hashtag_commands
 from fastpretrain.train import commands as train_commands
 from fastpretrain.train import report
-from fastpretrain.transfer import export
+from fastpretrain.transfer import dedup, evaluate, export, probe
 from fastpretrain.errors import UserError
 from fastpretrain.log import setup_logging
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastpretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fastpretrain {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for component in (train_commands, report, export, demo, data_commands, hashtag_commands):
+    for component in (train_commands, report, evaluate, probe, export, dedup, demo, data_commands, hashtag_commands):
         component.register(subparsers)
     return parser
 

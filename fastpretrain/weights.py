@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from fastpretrain.errors import UserError
-from fastpretrain.formats.checkpoint import FORMAT_VERSION
+from fastpretrain.formats.checkpoint import FORMAT_VERSION, find_latest
 from fastpretrain.models import create_model, list_models
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,11 @@ def read_weights(path: str | os.PathLike) -> Weights:
     docstring). Anything else (a missing file, a pickle with code, not a state dict, a tensor that is not dense, real
     and on the CPU) is a one-line UserError naming the path."""
     path = Path(path)
-    if _kind(path) == "safetensors":
+    if path.is_dir():
+        path, state = read_checkpoint(path)
+        tensors, arch, classes, source = state["state_dict"], state.get("arch"), state.get("classes"), \
+            "fastpretrain checkpoint"
+    elif _kind(path) == "safetensors":
         tensors, metadata = _read_safetensors(path)
         arch, classes, source = metadata.get("arch"), None, "safetensors"
     else:
@@ -70,6 +74,21 @@ def read_weights(path: str | os.PathLike) -> Weights:
         else:
             tensors, arch, classes, source = state, None, None, "state dict"
     return Weights(_unwrapped(_checked_tensors(tensors, path)), arch, classes, source, path)
+
+
+def read_checkpoint(spec: str | os.PathLike) -> tuple[Path, dict]:
+    """(path, state) of a fastpretrain training checkpoint: the file ``spec``, or the newest checkpoint of a run
+    folder (or of its ``checkpoints/`` folder) whose checksum holds, as ``--resume auto`` takes it."""
+    path = Path(spec)
+    if not path.is_dir():
+        return path, load_checkpoint(path)
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = find_latest(folder)
+    if found is None:
+        raise UserError(f"{spec}: no usable checkpoint in {folder}")
+    path, state = found  # its format_version checked and taken out by find_latest
+    _checked_tensors(_with_state_dict(state, path)["state_dict"], path)
+    return path, state
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -159,6 +178,10 @@ def _checkpoint(state: dict, path: Path) -> dict:
     version = state.pop("format_version")
     if version != FORMAT_VERSION:
         raise _refused(path, f"a checkpoint of format_version {version!r}; this fastpretrain reads {FORMAT_VERSION}")
+    return _with_state_dict(state, path)
+
+
+def _with_state_dict(state: dict, path: Path) -> dict:
     if not isinstance(state.get("state_dict"), dict):
         raise _refused(path, "a checkpoint without a 'state_dict' dict")
     return state

@@ -19,7 +19,7 @@ TRAIN_FLAGS = {
     "--sync-bn", "--no-sync-bn",
     "-b", "--batch-size", "--accum-steps", "--epochs", "--steps", "--lr", "--momentum", "--nesterov", "--no-nesterov",
     "--weight-decay", "--wd", "--sched", "--lr-halvings", "--warmup-epochs", "--max-nonfinite-steps",
-    "--grad-compression", "--mixup", "--ema-decay",
+    "--grad-compression", "--head-lr-scale", "--mixup", "--ema-decay",
     "--checkpoint-interval", "--checkpoint-keep", "--resume",
     "--output", "--device", "--seed", "--amp", "--no-amp", "--deterministic", "--no-deterministic", "--cuda-graphs",
     "--no-cuda-graphs", "--log-interval", "--eval-epochs", "--tensorboard", "--no-tensorboard", "--dist-timeout",
@@ -38,7 +38,7 @@ def flags(*argv: str) -> dict:
 
 def test_commands_and_train_flags_are_frozen():
     commands = subcommands(build_parser())
-    assert set(commands) == {"train", "finetune", "synth", "data", "vocab", "report", "export"}
+    assert set(commands) == {"train", "finetune", "eval", "probe", "export", "dedup", "synth", "data", "vocab", "report"}
     assert set(subcommands(commands["vocab"])) == {"build", "label"}
     assert set(subcommands(commands["data"])) == {"index"}
     for command in ("train", "finetune"):  # one config, two tasks

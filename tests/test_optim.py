@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from fastpretrain.models import create_model
-from fastpretrain.train.optim import Schedule, build_optimizer, scaled_lr
+from fastpretrain.train.optim import Schedule, build_optimizer, scaled_lr, set_lr
 
 
 def test_linear_scaling_rule():
@@ -42,6 +43,19 @@ def test_no_weight_decay_on_batchnorm_and_bias():
     assert {id(p) for p in plain["params"]} == bn_and_bias and plain["weight_decay"] == 0.0
     assert decayed["weight_decay"] == 1e-4 and decayed["nesterov"] and decayed["foreach"]
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_the_head_learns_at_its_scale_of_the_schedule(rng):
+    model = create_model("resnext_tiny", 5)
+    scale = float(rng.uniform(2, 20))
+    opt = build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=1e-4, head_lr_scale=scale)
+    lr = float(rng.uniform(0.01, 1))
+    set_lr(opt, lr)
+    lrs = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        expected_lr = lr * scale if name.startswith("fc.") else lr
+        assert lrs[id(p)] == pytest.approx((expected_lr, 0.0 if p.ndim <= 1 else 1e-4), rel=1e-12), name
+    assert len(lrs) == len(list(model.parameters()))
 
 
 def test_one_step_is_nesterov_sgd_by_hand(gen):

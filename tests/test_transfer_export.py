@@ -20,12 +20,12 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from fastpretrain.errors import UserError
-from fastpretrain.formats.checkpoint import save_file
+from fastpretrain.formats.checkpoint import CheckpointManager, save_file
 from fastpretrain.formats.vocab import Vocab, VocabClass
 from fastpretrain.models import create_model
 from fastpretrain.transfer import export as export_module
 from fastpretrain.transfer.export import export, register
-from fastpretrain.weights import Weights, load_trunk, read_weights
+from fastpretrain.weights import Weights, load_trunk, read_checkpoint, read_weights
 
 ATOL = 1e-5
 CLASSES = [  # index, wnid, lemmas, images
@@ -386,7 +386,7 @@ def test_crafted_pickles_are_refused_without_running(tmp_path, writer):
     payload = {"conv1.weight": _WouldRunCode(marker)}
     with open(tmp_path / "evil.pt", "wb") as f:
         torch.save(payload, f) if writer == "torch.save" else pickle.dump(payload, f, protocol=2)
-    for call in (read_weights, export_module.load_checkpoint):
+    for call in (read_weights, read_checkpoint):
         refused(call, tmp_path / "evil.pt", match=r"holds code or objects that are not plain data \(io.open\)")
     assert not marker.exists()
     if writer == "pickle.dump":  # the payload is live: a plain unpickle runs it
@@ -455,3 +455,30 @@ def test_export_command_prints_what_it_wrote(trained, tmp_path, capsys):
                               "--out", str(out), "--with-head"])
     assert args.func(args) == 0
     assert capsys.readouterr().out.splitlines() == [f"wrote {out}", f"wrote {out}.vocab.json"]
+
+
+def test_a_run_folder_gives_its_newest_whole_checkpoint(trained, tmp_path, gen, caplog):
+    """``--pretrained RUN``, ``eval --checkpoint RUN`` and ``export --checkpoint RUN`` take what ``--resume auto``
+    would: the newest checkpoint whose checksum holds."""
+    run = tmp_path / "run"
+    manager = CheckpointManager(run / "checkpoints", keep=3, background=False)
+    state = torch.load(trained.checkpoint, weights_only=True)
+    del state["format_version"]
+    older = {k: v + 1 for k, v in state["state_dict"].items()}
+    manager.save(20, {**state, "step": 20, "state_dict": older})
+    manager.save(30, {**state, "step": 30})
+    for spec in (run, run / "checkpoints"):
+        path, found = read_checkpoint(spec)
+        assert path == run / "checkpoints" / "step-000000030.pt" and found["step"] == 30
+        torch.testing.assert_close(read_weights(spec).state_dict, state["state_dict"], rtol=0, atol=0)
+    newest = run / "checkpoints" / "step-000000030.pt"
+    damaged = bytearray(newest.read_bytes())
+    damaged[int(torch.randint(len(damaged), (), generator=gen))] ^= 0xFF
+    newest.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING):
+        path, found = read_checkpoint(run)
+    assert found["step"] == 20 and "step-000000030.pt is unusable" in caplog.text
+    torch.testing.assert_close(read_weights(run).state_dict, older, rtol=0, atol=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no usable checkpoint"):
+        read_checkpoint(tmp_path / "empty")

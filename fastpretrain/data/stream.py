@@ -40,6 +40,7 @@ import numpy as np
 from fastpretrain.errors import DataError, UserError
 from fastpretrain.formats.image_folder import ImageFolder
 from fastpretrain.formats.labels import LabelIndex, label_index_path
+from fastpretrain.formats.phash import DuplicateList, duplicates_path
 from fastpretrain.formats.shards import MemberReader, ShardIndex, load_index
 from fastpretrain.hashtags.resample import copies
 
@@ -49,7 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastpretrain.data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the first one a sample has is its image
-NOT_BAD = frozenset({"unlabeled"})  # skipped, but not bad data: does not count against max_bad_fraction
+# Skipped by design, not bad data: they do not count against max_bad_fraction.
+NOT_BAD = frozenset({"unlabeled", "duplicate_of_eval"})
 STATE_FORMAT = 1
 
 
@@ -166,7 +168,8 @@ def image_folder_table(folder: ImageFolder) -> SampleTable:
 @dataclass
 class ShardLabels:
     """What a label reader found for a shard's samples: their labels as CSR, which lack their metadata (the reader's
-    own precondition), which have no label and why, and other skips (e.g. labels of samples the shard lost)."""
+    own precondition), which have no label and why, and other skips (e.g. labels of samples the shard lost);
+    ``duplicate_of_eval``, which `fastpretrain dedup` listed as near-duplicates of evaluation pictures (None: none)."""
 
     labels: np.ndarray  # (nnz,)
     offsets: np.ndarray  # (n + 1,)
@@ -174,6 +177,7 @@ class ShardLabels:
     missing: np.ndarray  # (n,) bool
     missing_detail: str
     skips: list[StaticSkip]
+    duplicate_of_eval: np.ndarray | None = None  # (n,) bool
 
 
 LabelReader = Callable[[int, Path, ShardIndex], ShardLabels]
@@ -198,6 +202,9 @@ def _load_shard(shard: int, path: Path, labels_for: LabelReader,
     n = len(index)
     found = labels_for(shard, path, index)
     skips = found.skips
+    if index.duplicates:  # samples whose key the shard had already: left out of the index, counted here
+        skips.append(StaticSkip("duplicate_key", shard, len(index.duplicates),
+                                f"a key seen before in the shard, e.g. {index.duplicates[0][0]}"))
     image_offset = np.full(n, -1, dtype=np.int64)
     image_size = np.zeros(n, dtype=np.int64)
     for i, members in enumerate(index.members):
@@ -211,6 +218,8 @@ def _load_shard(shard: int, path: Path, labels_for: LabelReader,
         ("missing_image", image_offset < 0, "no image member"),
         ("missing_metadata", found.no_metadata, "no .json or .txt member"),
         ("missing_labels", found.missing, found.missing_detail),
+        ("duplicate_of_eval", np.zeros(n, bool) if found.duplicate_of_eval is None else found.duplicate_of_eval,
+         "a near-duplicate of an evaluation picture (fastpretrain dedup)"),
         ("unlabeled", ~has_labels, "no kept hashtag"),
     ):
         counted = applies & ~excluded
@@ -230,7 +239,8 @@ def _label_index_length(label_dir: str | os.PathLike, path: Path) -> int:
 
 
 def _index_labels(shard: int, path: Path, index: ShardIndex, label_dir: str | os.PathLike, vocab_hash: str):
-    """A shard's hashtag labels from its label index; samples need their metadata (the posts the index was made of)."""
+    """A shard's hashtag labels from its label index; samples need their metadata (the posts the index was made of).
+    The samples its duplicate list names (``fastpretrain dedup``, beside the label index) are left out."""
     label_file = label_index_path(label_dir, path)
     try:
         label_index: LabelIndex | None = LabelIndex.load(label_file)
@@ -258,7 +268,9 @@ def _index_labels(shard: int, path: Path, index: ShardIndex, label_dir: str | os
             skips.append(StaticSkip("missing_in_shard", shard, lost, f"{lost} samples of {label_file} not in the shard"))
     no_metadata = np.array([not ("json" in m or "txt" in m) for m in index.members], dtype=bool)
     labels, offsets = gather_rows(label_index.offsets, label_index.labels, rows)
-    return ShardLabels(labels, offsets, no_metadata, rows < 0, detail, skips)
+    listed = duplicates_path(label_dir, path)
+    duplicate = np.isin(index.keys, DuplicateList.load(listed).keys) if listed.is_file() else None  # (n,)
+    return ShardLabels(labels, offsets, no_metadata, rows < 0, detail, skips, duplicate)
 
 
 def _member_classes(shard: int, path: Path, index: ShardIndex, num_classes: int):

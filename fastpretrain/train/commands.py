@@ -49,6 +49,7 @@ HELP = {
     ("optim", "warmup_epochs"): "linear warm-up",
     ("optim", "max_nonfinite_steps"): "non-finite steps in a row (skipped) that stop the run",
     ("optim", "grad_compression"): "compress gradient all-reduces (DDP's bf16 hook)",
+    ("optim", "head_lr_scale"): "the head's (fc) learning rate as a multiple of --lr (fine-tuning: a fresh head)",
     ("optim", "mixup"): "mixup's alpha: images and targets mixed with the batch's reverse (0: off)",
     ("optim", "ema_decay"): "keep an exponential moving average of the weights and evaluate it (0: off)",
     ("checkpoint", "interval"): "steps between checkpoints, 0: only at the end",

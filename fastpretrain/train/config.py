@@ -62,6 +62,7 @@ class OptimSection:
     epochs: float = 1.0  # passes over the resampled stream
     steps: int | None = None  # optimizer steps; overrides epochs
     lr: float | None = None  # peak; None: 0.1 x global batch / 256 (Goyal et al.'s linear scaling rule)
+    head_lr_scale: float = 1.0  # the head's (fc) learning rate as a multiple of lr
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
@@ -110,8 +111,10 @@ RECIPES: dict[str, dict[str, dict]] = {
                           "warmup_epochs": 0.05}},
     # Fine-tuning (see the README for where each number comes from). Every one: classes as they come (no
     # resampling), evaluated each epoch.
-    "finetune-demo": {"data": {"image_size": 64, "workers": 2, "resample": "natural"},
-                      "optim": {"batch_size": 32, "epochs": 3.0, "lr": 0.05, "warmup_epochs": 0.3},
+    "finetune-demo": {"data": {"image_size": 64, "workers": 2, "resample": "natural", "crop_scale": (0.35, 1.0)},
+                      "model": {"arch": "resnext_tiny"},
+                      "optim": {"batch_size": 16, "epochs": 6.0, "lr": 0.01, "head_lr_scale": 50.0,
+                                "warmup_epochs": 0.3},
                       "checkpoint": {"interval": 0}, "run": {"log_interval": 10, "eval_epochs": 1.0}},
     "finetune-wsl2018": {"data": {"resample": "natural"},
                          "optim": {"batch_size": 32, "epochs": 30.0, "lr": None, "nesterov": True,
@@ -318,6 +321,8 @@ def validate(config: TrainConfig) -> None:
         _fail("optim", "nesterov", "needs a momentum above 0", o.nesterov)
     if d.resample_t is not None and d.resample_t <= 0:
         _fail("data", "resample_t", "must be positive", d.resample_t)
+    if not o.head_lr_scale > 0:
+        _fail("optim", "head_lr_scale", "must be positive", o.head_lr_scale)
     if o.mixup < 0:
         _fail("optim", "mixup", "must not be negative", o.mixup)
     if not 0 <= o.ema_decay < 1:

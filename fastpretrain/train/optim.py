@@ -9,23 +9,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastpretrain.weights import HEAD
+
 BASE_LR_PER_256 = 0.1  # Goyal et al.'s linear scaling rule, which the paper follows
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool = False,
-                    device: torch.device | None = None) -> torch.optim.SGD:
-    """No weight decay on BatchNorm weights and biases (1-d parameters): decaying them only hurts accuracy.
+                    device: torch.device | None = None, head_lr_scale: float = 1.0) -> torch.optim.SGD:
+    """No weight decay on BatchNorm weights and biases (1-d parameters): decaying them only hurts accuracy. The
+    head's (``fc``) parameters learn at ``head_lr_scale`` x the rate of the rest (``set_lr`` keeps the ratio): a fresh
+    head on a pretrained trunk, whose pooled features are small and sparse, learns too slowly at the rate that does
+    not wreck the trunk.
 
     On CUDA the fused SGD (one kernel for all parameters; it also skips a step on the device when told a gradient is
     non-finite, with no host synchronization); elsewhere the foreach one (a few vectorized loops, not one per tensor).
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}  # (lr scale, weight decay) -> parameters
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            scale = head_lr_scale if name.startswith(HEAD) else 1.0
+            groups.setdefault((scale, 0.0 if param.ndim <= 1 else weight_decay), []).append(param)
     fused = device is not None and device.type == "cuda"
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
+    return torch.optim.SGD([{"params": params, "lr_scale": scale, "weight_decay": decay, "lr": lr * scale}
+                            for (scale, decay), params in sorted(groups.items(), key=lambda g: (g[0][0], -g[0][1]))],
+                           lr=lr, momentum=momentum, nesterov=nesterov,
                            **({"fused": True} if fused else {"foreach": True}))
 
 
@@ -56,4 +63,4 @@ class Schedule:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]

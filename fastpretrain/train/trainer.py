@@ -225,7 +225,7 @@ class Trainer:
                                      use_buffers=True)
         self.loss_fn = self._build_loss()
         self.optimizer = build_optimizer(unwrap(self.model), 1.0, cfg.optim.momentum, cfg.optim.weight_decay,
-                                         cfg.optim.nesterov, self.device)
+                                         cfg.optim.nesterov, self.device, cfg.optim.head_lr_scale)
         per_epoch = self.loader.batches_per_epoch
         self.total_steps = cfg.optim.steps or max(1, math.ceil(cfg.optim.epochs * per_epoch))
         peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(self.global_batch)

@@ -36,7 +36,7 @@ from fastpretrain.errors import UserError
 from fastpretrain.formats.files import atomic_write, shared_file_mode
 from fastpretrain.formats.vocab import WORDNET_VERSION, Vocab
 from fastpretrain.models import create_model
-from fastpretrain.weights import HEAD, Weights, check_fits, load_checkpoint
+from fastpretrain.weights import HEAD, Weights, check_fits, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def export(checkpoint_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
         raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()
-    checkpoint = load_checkpoint(checkpoint_path)
+    path, checkpoint = read_checkpoint(checkpoint_path)
     weights = Weights(checkpoint["state_dict"], checkpoint.get("arch"), checkpoint.get("classes"),
-                      "fastpretrain checkpoint", Path(checkpoint_path))
+                      "fastpretrain checkpoint", path)
     num_classes = _num_classes(checkpoint, weights.path)
     with torch.device("meta"):  # the checkpoint checked against its arch's shapes, without building the model
         check_fits(create_model(weights.arch, num_classes), weights, keep_head=True)
@@ -91,7 +91,8 @@ def register(subparsers) -> None:
     """Add the ``export`` command."""
     parser = subparsers.add_parser("export", help="write a checkpoint's model as files torchvision, safetensors or "
                                                   "onnxruntime load without fastpretrain")
-    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (RUN/checkpoints/step-*.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training checkpoint (RUN/checkpoints/step-*.pt), or a run folder: its newest")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt", help="the file format")
     parser.add_argument("--out", required=True, help="the file to write")
     parser.add_argument("--with-head", action="store_true",
