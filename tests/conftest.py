@@ -23,6 +23,17 @@ if not torch.cuda.is_available():
 SEED_ENV = "FASTPRETRAIN_TEST_SEED"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory):
+    """One ``$FASTPRETRAIN_CACHE`` for the whole session, never the user's: WordNet's noun table (20-40 s to build
+    here) and each demo corpus are made once, and CLI subprocesses inherit it. Tests of the cache itself use their
+    own folder."""
+    cache = tmp_path_factory.mktemp("fastpretrain-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTPRETRAIN_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture
 def seed(request) -> int:
     """This test's seed: ``$FASTPRETRAIN_TEST_SEED`` when set, else a fresh one (32 bits)."""

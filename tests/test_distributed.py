@@ -24,10 +24,9 @@ QUICK = ["--demo-images", "600", "--batch-size", "6", "--img-size", "32", "--wor
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Each process one thread (two processes on two cores), and a demo corpus cache shared by the runs."""
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "FASTPRETRAIN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+def env(shared_cache):
+    """Each process one thread (two processes on two cores); the session's demo corpus cache."""
+    return {**os.environ, "FASTPRETRAIN_CACHE": str(shared_cache), "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(nproc: int, *args: str, env: dict, **popen) -> subprocess.Popen:

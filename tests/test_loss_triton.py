@@ -168,7 +168,7 @@ def test_strides_in_aligned_units_give_vector_loads_at_17000_classes():
     17,000), rows are known 16-byte aligned and the masked tail constant over 8 lanes: 128-bit loads and stores
     (ld.global.v4.b32). Compiled for sm_90 in a subprocess (no GPU needed), the PTX counted."""
     script = textwrap.dedent(
-        """
+        r"""
         import re
         from collections import Counter
         import triton

@@ -23,10 +23,8 @@ QUICK = ["--demo-images", "2000", "--batch-size", "8", "--img-size", "32", "--wo
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory, monkeypatch_module):
-    cache = tmp_path_factory.mktemp("cache")
-    monkeypatch_module.setenv("FASTPRETRAIN_CACHE", str(cache))
-    return cache
+def demo_cache(shared_cache):
+    return shared_cache
 
 
 @pytest.fixture(scope="module")
