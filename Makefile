@@ -72,7 +72,7 @@ transfer-demo: setup
 
 # No GPU here: Triton kernels run under the interpreter, which must be set before triton is imported.
 test: setup
-	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest tests -q; rc=$$?; \
+	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest tests -q --durations=15; rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 # Ours beside its baseline in one run; the table of ratios ends the output (bench/conftest.py).
