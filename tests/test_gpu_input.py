@@ -19,7 +19,6 @@ import sys
 import textwrap
 import threading
 import traceback
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +30,8 @@ from fastpretrain.data.config import DataConfig
 from fastpretrain.data.decoders import torch as torch_decoder
 from fastpretrain.data.decoders.torch import (Prefetcher, TorchDecoder, decode_batched, filter_taps, normalize_constants,
                                               nvjpeg_refusal, oriented_strides)
-from fastpretrain.data.stream import PlanChunk, SampleTable
-from fastpretrain.formats.shards import ShardWriter, load_index
+from fastpretrain.data.stream import PlanChunk
+from test_data_decode import shard_table
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -305,17 +304,6 @@ def test_a_consumer_that_stops_early_ends_the_thread_and_closes_the_producer_the
 
 # ----------------------------------------------------------------------------------------------------
 # The whole batched path against the CPU ring path
-
-
-def shard_table(path: Path, images: list[bytes]) -> SampleTable:
-    with ShardWriter(path) as writer:
-        for i, data in enumerate(images):
-            writer.write(f"{i:04d}", {"jpg": data, "json": b"{}"})
-    index = load_index(path)
-    offset, size = (np.array([members["jpg"][k] for members in index.members], dtype=np.int64) for k in (0, 1))
-    n = len(images)
-    return SampleTable.of_shard(path, index.keys, offset, size, np.arange(n + 1, dtype=np.int64),
-                                np.zeros(n, dtype=np.int32), np.ones(n, dtype=bool))
 
 
 # The kinds of picture odd_corpus makes, in turn; those nvJPEG's hardware decoder is given.

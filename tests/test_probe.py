@@ -28,6 +28,7 @@ from fastpretrain.transfer import features as features_module
 from fastpretrain.transfer.features import split_features
 from fastpretrain.transfer.probe import fit_logistic, fit_probe, held_out_split, labeled_splits, standardizer
 from fastpretrain.weights import read_weights
+from test_transfer_export import randomized
 
 CPU = torch.device("cpu")
 
@@ -162,20 +163,6 @@ def test_standardizer_is_the_float64_mean_and_std_with_constant_features_only_ce
 def tiny_torchvision() -> ResNet:
     """resnext_tiny built from torchvision alone."""
     return ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=2, num_classes=5)
-
-
-def randomized(model: nn.Module, gen: torch.Generator) -> nn.Module:
-    """Random BatchNorm affines and statistics, so that eval-mode features differ from train-mode ones and every
-    block's residual branch counts."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                module.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(c, generator=gen) * 0.1)
-                module.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-    return model
 
 
 CLASSES = ["ant", "bee", "cow"]
