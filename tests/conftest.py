@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,13 +36,37 @@ def shared_cache(tmp_path_factory):
         yield cache
 
 
+def fresh_seed() -> int:
+    """``$FASTPRETRAIN_TEST_SEED`` when set, else a fresh one (32 bits)."""
+    replay = os.environ.get(SEED_ENV)
+    return int(replay) if replay else int.from_bytes(os.urandom(4), "little")
+
+
 @pytest.fixture
 def seed(request) -> int:
-    """This test's seed: ``$FASTPRETRAIN_TEST_SEED`` when set, else a fresh one (32 bits)."""
-    replay = os.environ.get(SEED_ENV)
-    value = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
-    request.node.test_seed = value
-    return value
+    """This test's seed (``fresh_seed``), named in its failure report."""
+    request.node.test_seed = fresh_seed()
+    return request.node.test_seed
+
+
+@dataclass
+class DemoRun:
+    folder: Path  # the run folder: metrics.jsonl, checkpoints/
+    seed: int  # its --seed is seed % 1000 (the demo corpus's too)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, shared_cache) -> DemoRun:
+    """A shortened demo training, made once: 3 epochs of 2,000 posts with --amp and a fresh seed, the suite's longest
+    run (about 2 minutes here). tests/test_train.py checks that it learns; tests/test_probe.py transfers its trunk.
+    A test that uses it takes its seed (``request.node.test_seed``), so that a failure replays the same run."""
+    from fastpretrain.cli import main  # here, not above: TRITON_INTERPRET must be set before torchvision imports
+
+    seed = fresh_seed()
+    folder = tmp_path_factory.mktemp("demo-run") / "run"
+    assert main(["train", "--amp", "--demo-images", "2000", "--epochs", "3", "--output", str(folder),
+                 "--log-interval", "10", "--seed", str(seed % 1000)]) == 0
+    return DemoRun(folder, seed)
 
 
 @pytest.fixture

@@ -57,12 +57,9 @@ def one_line_error(capsys, rc: int, code: int = 2) -> str:
     return err[0]
 
 
-def test_demo_training_learns(demo_cache, tmp_path, seed):
+def test_demo_training_learns(demo_run, request):
     """A shortened demo must beat always answering the most frequent hashtag by 2x (it learns, not only runs)."""
-    run = tmp_path / "run"
-    rc = main(["train", "--amp", "--demo-images", "2000", "--epochs", "3", "--output", str(run),
-               "--log-interval", "10", "--seed", str(seed % 1000)])
-    assert rc == 0
+    request.node.test_seed, run, seed = demo_run.seed, demo_run.folder, demo_run.seed
     records = read_metrics(run)
     train = [r for r in records if r["event"] == "train"]
     final = records[-1]
