@@ -32,7 +32,8 @@ HELP = {
     ("data", "num_classes"): "classes of shards with a cls member (an ImageFolder's class folders say it)",
     ("data", "demo_images"): "size of the demo corpus",
     ("model", "arch"): "registered architecture",
-    ("model", "init"): "start from these weights (our checkpoint, a torchvision or timm state dict); the head is new",
+    ("model", "init"): "start from these weights (our checkpoint or run folder, a torchvision or timm state dict, "
+                       "safetensors); the head is new",
     ("model", "loss_backend"): "hashtag loss implementation (auto: triton on CUDA, cpp on CPU)",
     ("model", "compile"): "torch.compile the model (the loss stays eager)",
     ("model", "sync_bn"): "BatchNorm statistics over all devices (default: each device's batch, as the paper)",

@@ -329,8 +329,8 @@ def validate(config: TrainConfig) -> None:
         _fail("optim", "ema_decay", "must lie in [0, 1)", o.ema_decay)
     if r.eval_epochs < 0:
         _fail("run", "eval_epochs", "must not be negative", r.eval_epochs)
-    if m.init is not None and not Path(m.init).is_file():
-        raise UserError(f"--init: no weights file at {m.init}")
+    if m.init is not None and not Path(m.init).exists():
+        raise UserError(f"--init: no weights file or run folder at {m.init}")
     if not 0 <= d.max_bad_fraction <= 1:
         _fail("data", "max_bad_fraction", "must lie in [0, 1]", d.max_bad_fraction)
     if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
