@@ -28,11 +28,13 @@ from PIL import Image
 from fastpretrain.data.config import DataConfig
 from fastpretrain.data.decoders import torch as torch_decoder
 from fastpretrain.data.decoders.common import BadImage, probe_image
-from fastpretrain.data.stream import PlanChunk, SampleTable
+from fastpretrain.data.stream import PlanChunk
 from fastpretrain.errors import DataError
 from fastpretrain.formats.shards import ShardWriter, index_path_for, iter_shard, load_index, read_index, scan_shard
 from fastpretrain.formats.shards import write_index_file
 from fastpretrain.hashtags.sources import InputStats, iter_posts
+from test_data_decode import shard_table
+from test_data_shards import raw_shard
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -118,20 +120,6 @@ def tags(*names: str) -> bytes:
     return json.dumps({"tags": list(names)}).encode()
 
 
-def raw_tar(path: Path, members: list[tuple[str, int | None, bytes]]) -> None:
-    """A tar written member by member, for what ShardWriter refuses: (name, tar type or None for a file, data;
-    a link's target for links)."""
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, kind, data in members:
-            info = tarfile.TarInfo(name)
-            if kind is None:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            else:
-                info.type, info.linkname = kind, data.decode()
-                tar.addfile(info)
-
-
 def write_corpus(root: Path, rng: np.random.Generator) -> dict[str, Path]:
     """Every case of the probe, beside good samples. What each is counted as, by hand, is said next to it and
     summed up in the tests."""
@@ -164,7 +152,7 @@ def write_corpus(root: Path, rng: np.random.Generator) -> dict[str, Path]:
     write_index_file(shards / "00000.idx", index)
 
     first, second = jpeg(), jpeg()
-    raw_tar(shards / "00001.tar", [
+    raw_shard(shards / "00001.tar", [
         ("twice.jpg", None, first), ("twice.json", None, tags("dog")),  # good
         ("twice.jpg", None, second), ("twice.json", None, tags("dog")),  # duplicate_key: the second twice
         ("link.jpg", tarfile.SYMTYPE, b"/etc/passwd"), ("hard.jpg", tarfile.LNKTYPE, b"twice.jpg"),
@@ -316,14 +304,7 @@ def test_fuzzed_images_never_raise_out_of_probe_or_the_torch_decoder(tmp_path, r
 
 def decode_all(path: Path, images: list[bytes], **config) -> list:
     """``images`` as a shard, every one through the torch backend's CPU path (in this process), 8 per chunk."""
-    with ShardWriter(path) as writer:
-        for i, data in enumerate(images):
-            writer.write(f"{i:04d}", {"jpg": data, "json": b"{}"})
-    index = load_index(path)
-    offset, size = (np.array([members["jpg"][k] for members in index.members], dtype=np.int64) for k in (0, 1))
-    n = len(images)
-    table = SampleTable.of_shard(path, index.keys, offset, size, np.arange(n + 1, dtype=np.int64),
-                                 np.zeros(n, dtype=np.int32), np.ones(n, dtype=bool))
+    table, n = shard_table(path, images), len(images)
     cfg = DataConfig(shards=str(path), label_dir=str(path.parent), backend="torch", batch_size=8, image_size=16,
                      workers=0, **config)
     chunks = [PlanChunk(0, np.arange(a, min(a + 8, n)), np.arange(a, min(a + 8, n))) for a in range(0, n, 8)]
