@@ -189,6 +189,11 @@ def _load_shards(paths: list[Path], labels_for: LabelReader,
     return SampleTable.concat([table for table, _ in loaded]), [skip for _, skips in loaded for skip in skips]
 
 
+def image_member(members) -> tuple[int, int] | None:
+    """(offset, size) of a sample's image, the first of IMAGE_EXTENSIONS it has; None without one."""
+    return next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+
+
 def _load_shard(shard: int, path: Path, labels_for: LabelReader,
                 known_length: Callable[[Path], int]) -> tuple[SampleTable, list[StaticSkip]]:
     """Shard number ``shard``'s samples, and what is excluded of them before decoding."""
@@ -208,9 +213,9 @@ def _load_shard(shard: int, path: Path, labels_for: LabelReader,
     image_offset = np.full(n, -1, dtype=np.int64)
     image_size = np.zeros(n, dtype=np.int64)
     for i, members in enumerate(index.members):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-        if ext is not None:
-            image_offset[i], image_size[i] = members[ext]
+        member = image_member(members)
+        if member is not None:
+            image_offset[i], image_size[i] = member
     has_labels = np.diff(found.offsets) > 0
     # Each excluded sample is counted once, under the first of these reasons that applies.
     excluded = np.zeros(n, dtype=bool)

@@ -51,11 +51,11 @@ import numpy as np
 from PIL import Image
 
 from fastpretrain.data.config import DataConfig
-from fastpretrain.data.stream import IMAGE_EXTENSIONS
+from fastpretrain.data.stream import image_member
 from fastpretrain.errors import DataError, UserError
 from fastpretrain.formats.image_folder import is_image_folder, read_image_folder
 from fastpretrain.formats.phash import DuplicateList, ShardHashes, duplicates_path, fresh_hashes, hashes_path
-from fastpretrain.formats.shards import Members, MemberReader, list_shards, load_index
+from fastpretrain.formats.shards import MemberReader, list_shards, load_index
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +168,6 @@ def _hash_members(paths: list[Path], members: list[tuple[int, int, int]], crops:
     return hashed
 
 
-def _image_member(members: Members) -> tuple[int, int] | None:
-    """(offset, size) of a sample's image, the first of IMAGE_EXTENSIONS it has, as the loaders take it."""
-    return next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-
-
 def _hash_training_shard(task: tuple[Path, Path, int]) -> tuple[ShardHashes | None, bool, str | None]:
     """(hashes, reused, problem) of training shard ``task[0]``: from its hash file ``task[1]`` when fresh, else hashed
     and written there; no hashes and the problem when the shard cannot be read."""
@@ -184,7 +179,7 @@ def _hash_training_shard(task: tuple[Path, Path, int]) -> tuple[ShardHashes | No
         index = load_index(shard)
     except DataError as e:
         return None, False, str(e)
-    images = [(key, _image_member(members)) for key, members in zip(index.keys.tolist(), index.members)]
+    images = [(key, image_member(members)) for key, members in zip(index.keys.tolist(), index.members)]
     images = [(key, member) for key, member in images if member is not None]
     hashed = _hash_members([shard], [(0, *member) for _, member in images], (0.0,), max_pixels)
     if len(images) < len(index):
@@ -368,7 +363,7 @@ def _hash_eval_set(spec: str, training: set[Path], max_pixels: int, map_tasks: C
                 raise UserError(f"--against {spec}: {shard} is one of the training shards")
             index = load_index(shard)
             members = []
-            for key, member in zip(index.keys.tolist(), map(_image_member, index.members)):
+            for key, member in zip(index.keys.tolist(), map(image_member, index.members)):
                 if member is not None:
                     members.append((0, *member))
                     names.append(f"{shard.name}/{key}")
