@@ -22,6 +22,7 @@ and memory-mapped: ImageNet-1k's 1.28M x 2048 features are 5.2 GB, read by the p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -126,6 +127,14 @@ def cache_key(weights_path: Path, arch: str, cfg: DataConfig, backend: str, dtyp
 
 
 def _file_hash(path: Path) -> str:
+    stat = os.stat(path)
+    return _hash_of_file(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_of_file(path: str, size: int, mtime_ns: int) -> str:
+    """Keyed by size and mtime too, so a file rewritten in place is hashed again; once otherwise, since a probe asks
+    for each of its splits and the weights of a 32x48d trunk are 3 GB."""
     digest = hashlib.blake2b(digest_size=32)
     with open(path, "rb") as f:
         while block := f.read(_HASH_BLOCK):
